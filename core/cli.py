@@ -1,0 +1,44 @@
+"""Shared entry-point plumbing: logging set-up, config arguments, and user errors as one line + exit 2."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable
+
+from .config import Config, load_config
+from .errors import UserError
+
+
+def add_config_args(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    parser.add_argument("--config", default=default, help="YAML file overriding the defaults in core/config.py")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one config value, e.g. --set detector.iters=500 (repeatable)",
+    )
+
+
+def config_from_args(args) -> Config:
+    return load_config(getattr(args, "config", None), getattr(args, "overrides", []))
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def run_main(fn: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
+    """Run an entry point: UserError -> 'error: <message>' on stderr, exit 2; Ctrl-C -> exit 130."""
+    setup_logging()
+    try:
+        rc = fn(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; finished work is kept, run the same command again to resume", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(int(rc or 0))

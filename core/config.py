@@ -1,0 +1,312 @@
+"""Experiment configuration: typed dataclass defaults, YAML overrides, `--set a.b=value` overrides.
+
+Defaults in code are the paper's values (DeepMask: Pinheiro et al. 2015 §3.4; Fast R-CNN: Girshick 2015 and its
+official code). YAML files in `configs/` override a few of them. An unknown key or a value of the wrong type
+raises `ConfigError` naming the full dotted key. The resolved config is written next to every output.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+# ----------------------------------------------------------------------------------------------- sections
+@dataclass
+class CocoSource:
+    """A COCO instances json and the folder its `file_name`s are relative to."""
+
+    ann: str = ""
+    images: str = ""
+
+
+@dataclass
+class DataConfig:
+    # The detector's dataset: a VOCdevkit `VOC2007` folder and its splits.
+    voc: str = ""
+    train_split: str = "trainval"
+    test_split: str = "test"
+    # Built-in synthetic set (`pipelines.make_shapes`): generated into `synthetic_root` when `synthetic` is true
+    # and it is missing; then `voc` defaults to `<synthetic_root>/VOC2007` and DeepMask trains on its COCO json.
+    synthetic: bool = False
+    synthetic_root: str = ""
+    synthetic_trainval: int = 240
+    synthetic_test: int = 80
+    synthetic_size: int = 256
+    synthetic_seed: int = 0
+
+
+@dataclass
+class SSConfig:
+    """SelectiveSearch, fast mode (Uijlings et al. IJCV 2013; R-CNN's selective_search_boxes.m)."""
+
+    backend: str = "skimage"  # skimage | opencv
+    mode: str = "fast"
+    seed: int = 0
+    min_box: int = 20
+    top_n: int = 2000
+
+
+@dataclass
+class DeepMaskConfig:
+    """DeepMask (paper §3). Defaults are the paper's values."""
+
+    trunk: str = "vgg_a"
+    pretrained: str = ""  # '' random init | 'imagenet' (offline weights) | path to a state dict
+    head: str = "lowrank"  # lowrank (DeepMask) | full (DeepMaskFull)
+    seg_channels: int = 512
+    lowrank_dim: int = 512
+    mask_size: int = 56
+    patch_size: int = 224
+    object_size: int = 128
+    categories: list[str] = field(default_factory=list)  # empty = all; e.g. the 20 PASCAL classes (DeepMask20)
+    train_sets: list[CocoSource] = field(default_factory=list)
+    val_sets: list[CocoSource] = field(default_factory=list)
+    # training (§3.4)
+    iters: int = 100000
+    batch_size: int = 32
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-5
+    score_weight: float = 1.0 / 32  # lambda of eq. (1)
+    workers: int = 2
+    # full-scene inference (§3.3, §3.4)
+    scale_min: float = -2.0  # log2 of the smallest scale
+    scale_max: float = 1.0
+    scale_step: float = 0.5
+    zoom: bool = False  # DeepMaskZoom: one extra smaller scale
+    mask_threshold: float = 0.2  # .2 COCO, .1 PASCAL
+    top_n: int = 2000
+    nms: float = 0.0  # 0 = no NMS (official code)
+
+
+@dataclass
+class DetectorConfig:
+    """Fast R-CNN (Girshick, ICCV 2015), official recipe."""
+
+    trunk: str = "vgg16"
+    pretrained: str = ""
+    fc_dim: int = 4096
+    scales: list[int] = field(default_factory=lambda: [600])
+    max_size: int = 1000
+    ims_per_batch: int = 2
+    batch_rois: int = 128
+    fg_fraction: float = 0.25
+    fg_thresh: float = 0.5
+    bg_thresh_hi: float = 0.5
+    bg_thresh_lo: float = 0.1
+    flip: bool = True
+    lr: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 0.0005
+    iters: int = 40000
+    lr_steps: list[int] = field(default_factory=lambda: [30000])
+    gamma: float = 0.1
+    train_top: int = 2000
+    test_nms: float = 0.3
+    score_thresh: float = 0.05
+    max_dets: int = 100
+    svd: bool = False
+    workers: int = 2
+
+
+@dataclass
+class SweepConfig:
+    methods: list[str] = field(default_factory=lambda: ["deepmask", "selective_search"])
+    counts: list[int] = field(default_factory=lambda: [10, 20, 50, 100, 200, 300, 500, 1000, 2000])
+
+
+@dataclass
+class Config:
+    name: str = "default"
+    out_dir: str = "runs"
+    seed: int = 0
+    device: str = "cpu"
+    data: DataConfig = field(default_factory=DataConfig)
+    ss: SSConfig = field(default_factory=SSConfig)
+    deepmask: DeepMaskConfig = field(default_factory=DeepMaskConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+# ----------------------------------------------------------------------------------------------- machinery
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, key: str):
+    """Check `value` against the annotation `tp`, converting where lossless (int -> float)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        k_tp, v_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        return {_coerce(k, k_tp, key): _coerce(v, v_tp, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        return _from_dict(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+    if tp is Any:
+        return value
+    raise ConfigError(f"config key '{key}': unsupported type {tp}")
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _from_dict(cls, data: dict, prefix: str = ""):
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise ConfigError(f"unknown config key '{key}'" + _suggest(k, names))
+        kwargs[k] = _coerce(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def _suggest(k, names) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(str(k), sorted(names), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> Config:
+    """Build a Config from a (possibly partial) mapping over the defaults."""
+    return _from_dict(Config, _merge(to_dict(Config()), data or {}))
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set '{item}': expected KEY=VALUE, e.g. detector.iters=1000")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"--set '{item}': malformed key '{key}'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = _merge(to_dict(Config()), data)
+    for item in overrides or []:
+        parts, value = parse_override(item)
+        node = data
+        for i, p in enumerate(parts[:-1]):
+            if not isinstance(node, dict) or p not in node or not isinstance(node[p], dict):
+                raise ConfigError(f"unknown config key '{'.'.join(parts[: i + 1])}' in --set {item}")
+            node = node[p]
+        if parts[-1] not in node:
+            raise ConfigError(f"unknown config key '{'.'.join(parts)}' in --set {item}" + _suggest(parts[-1], node))
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    data: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: expected a mapping at the top level")
+    try:
+        return from_dict(apply_overrides(data, overrides or []))
+    except ConfigError as e:
+        if path:
+            raise ConfigError(f"{path}: {e}") from None
+        raise
+
+
+def dump_config(cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg, path) -> None:
+    from .io import atomic_write_text
+
+    atomic_write_text(path, dump_config(cfg))
+
+
+def section_hash(obj) -> str:
+    """Stable short hash of a (sub)config or any JSON-able value; used to skip finished stages."""
+    if dataclasses.is_dataclass(obj):
+        obj = dataclasses.asdict(obj)
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -1,0 +1,25 @@
+"""Exceptions for bad user input.
+
+Library code raises these with a message that names the file, image id or config key; entry points
+(`core.cli.run_main`) turn them into one line on stderr and exit code 2, never a bare traceback.
+"""
+
+
+class UserError(Exception):
+    """Bad user input (file, annotation, config, checkpoint). The message names what is wrong."""
+
+
+class ConfigError(UserError):
+    """Unknown config key, wrong type, or malformed override."""
+
+
+class DataError(UserError):
+    """Missing/broken dataset file, annotation, proposal store or results file."""
+
+
+class ImageError(DataError):
+    """An image file that is missing, corrupt, truncated or not an image."""
+
+
+class CheckpointError(UserError):
+    """Missing, corrupt or mismatched checkpoint / weight file."""
