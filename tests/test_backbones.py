@@ -1,0 +1,151 @@
+"""Tests for core/backbones.py (CPU, no network, no ../shared)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+from core import backbones
+from core.backbones import CheckpointError, build_trunk, freeze_early_layers, vgg16_fc_head
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _empty_torch_home(tmp_path, monkeypatch):
+    """No test may see (or download into) the user's torch hub cache."""
+    home = tmp_path / "torch_home"
+    home.mkdir()
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    return home
+
+
+def _out_shape(trunk, h, w):
+    trunk.eval()
+    with torch.no_grad():
+        return tuple(trunk(torch.zeros(1, 3, h, w)).shape)
+
+
+@pytest.mark.parametrize("name,channels", [("small", 128), ("vgg_a", 512), ("vgg16", 512)])
+def test_trunk_shapes(name, channels):
+    trunk = build_trunk(name)
+    assert trunk.out_channels == channels
+    assert trunk.stride == 16
+    assert len(trunk.mean) == 3 and len(trunk.std) == 3
+    assert _out_shape(trunk, 224, 224) == (1, channels, 14, 14)
+    b, c, h, w = _out_shape(trunk, 80, 128)  # non-square
+    assert (b, c) == (1, channels) and abs(h - 80 / 16) <= 1 and abs(w - 128 / 16) <= 1
+
+
+def test_small_trunk_ceil_and_trainable():
+    trunk = build_trunk("small")
+    assert _out_shape(trunk, 375, 500)[2:] == (24, 32)  # ceil(375/16), ceil(500/16)
+    trunk.train()
+    out = trunk(torch.randn(2, 3, 64, 64))
+    out.mean().backward()
+    assert all(p.grad is not None for p in trunk.parameters())
+    assert freeze_early_layers(trunk) == []
+
+
+def test_vgg_a_params_equal_vgg11_features():
+    trunk = build_trunk("vgg_a")
+    n = sum(p.numel() for p in trunk.parameters())
+    with torch.device("meta"):  # no 130M-parameter allocation
+        ref = sum(p.numel() for p in torchvision.models.vgg11().features.parameters())
+    assert n == ref  # the removed max-pool has no parameters
+    assert 9.2e6 < n < 9.3e6
+
+
+def test_vgg16_layers_end_with_conv5_3_relu():
+    trunk = build_trunk("vgg16")
+    convs = [m for m in trunk.features if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 13
+    assert isinstance(trunk.features[-1], nn.ReLU)
+    assert sum(isinstance(m, nn.MaxPool2d) for m in trunk.features) == 4
+
+
+def test_vgg_imagenet_without_cache_is_clear_error(_empty_torch_home):
+    for name, builder in (("vgg_a", "vgg11"), ("vgg16", "vgg16")):
+        with pytest.raises(CheckpointError) as ei:
+            build_trunk(name, "imagenet")
+        msg = str(ei.value)
+        assert "\n" not in msg
+        assert str(_empty_torch_home / "hub" / "checkpoints") in msg
+        assert f"torchvision.models.{builder}(weights='IMAGENET1K_V1')" in msg
+
+
+def test_vgg_imagenet_from_cache(_empty_torch_home):
+    ref = {k[len("features."):]: v for k, v in build_trunk("vgg_a").state_dict().items()}
+    path = backbones.torchvision_weight_file("vgg_a")
+    assert path.parent == _empty_torch_home / "hub" / "checkpoints"
+    path.parent.mkdir(parents=True)
+    sd = {f"features.{k}": v for k, v in ref.items()}
+    sd["classifier.6.bias"] = torch.zeros(1000)  # extra torchvision keys are ignored
+    torch.save(sd, path)
+    trunk = build_trunk("vgg_a", "imagenet")
+    for k, v in ref.items():
+        assert torch.equal(trunk.state_dict()[f"features.{k}"], v)
+
+
+def test_path_loading_and_mismatch(tmp_path):
+    trunk = build_trunk("small")
+    path = tmp_path / "small.pth"
+    torch.save(trunk.state_dict(), path)
+    other = build_trunk("small", str(path))
+    for k, v in trunk.state_dict().items():
+        assert torch.equal(other.state_dict()[k], v)
+    # wrapped in a training checkpoint
+    torch.save({"model": trunk.state_dict(), "iteration": 3}, tmp_path / "ckpt.pth")
+    build_trunk("small", str(tmp_path / "ckpt.pth"))
+
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(CheckpointError, match="nope.pth"):
+        build_trunk("vgg16", str(missing))
+
+    sd = trunk.state_dict()
+    sd["features.0.weight"] = torch.zeros(16, 3, 5, 5)
+    torch.save(sd, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match=r"bad\.pth.*features\.0\.weight"):
+        build_trunk("small", str(tmp_path / "bad.pth"))
+
+    sd = trunk.state_dict()
+    del sd["features.3.weight"]
+    torch.save(sd, tmp_path / "missing_key.pth")
+    with pytest.raises(CheckpointError, match=r"missing_key\.pth.*features\.3\.weight"):
+        build_trunk("small", str(tmp_path / "missing_key.pth"))
+
+    (tmp_path / "garbage.pth").write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match="garbage.pth"):
+        build_trunk("small", str(tmp_path / "garbage.pth"))
+
+
+def test_fc_head_random_and_nan_rejected(tmp_path):
+    seq = vgg16_fc_head(as_sequential=True)  # (fc6, fc7) otherwise; one random init of 120M weights is enough
+    assert [type(m) for m in seq] == [nn.Linear, nn.ReLU, nn.Dropout, nn.Linear, nn.ReLU, nn.Dropout]
+    fc6, fc7 = seq[0], seq[3]
+    assert (fc6.in_features, fc6.out_features, fc7.in_features, fc7.out_features) == (25088, 4096, 4096, 4096)
+    assert 0.009 < fc6.weight[:64].std().item() < 0.011 and seq[2].p == 0.5
+    # the IMAGENET1K_FEATURES file has NaN classifier weights: rejected before any shape check
+    torch.save({"classifier.0.weight": torch.full((2, 2), float("nan")), "classifier.0.bias": torch.zeros(2),
+                "classifier.3.weight": torch.zeros(2, 2), "classifier.3.bias": torch.zeros(2)},
+               tmp_path / "vgg16_features.pth")
+    with pytest.raises(CheckpointError, match=r"vgg16_features\.pth.*NaN.*IMAGENET1K_V1"):
+        vgg16_fc_head(str(tmp_path / "vgg16_features.pth"))
+    with pytest.raises(CheckpointError, match="hub"):
+        vgg16_fc_head("imagenet")
+
+
+def test_freeze_vgg16_conv1_conv2():
+    trunk = build_trunk("vgg16")
+    frozen = freeze_early_layers(trunk, "vgg16")
+    # conv1_1, conv1_2, conv2_1, conv2_2: weight + bias each
+    assert frozen == [f"features.{i}.{p}" for i in (0, 2, 5, 7) for p in ("weight", "bias")]
+    assert trunk.features[10].weight.requires_grad  # conv3_1 trains
+    trunk = build_trunk("vgg_a")
+    assert freeze_early_layers(trunk) == [f"features.{i}.{p}" for i in (0, 3) for p in ("weight", "bias")]
+
+
+def test_unknown_trunk():
+    with pytest.raises(Exception, match="unknown trunk 'foo'"):
+        build_trunk("foo")
