@@ -36,14 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-try:
-    from core.errors import CheckpointError, ConfigError
-except ImportError:  # pragma: no cover - temporary until the lead lands core/errors.py
-    class CheckpointError(Exception):  # type: ignore[no-redef]
-        """Placeholder; replaced by core.errors.CheckpointError."""
-
-    class ConfigError(Exception):  # type: ignore[no-redef]
-        """Placeholder; replaced by core.errors.ConfigError."""
+from core.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,8 @@ import torch.nn as nn
 import torchvision
 
 from core import backbones
-from core.backbones import CheckpointError, build_trunk, freeze_early_layers, vgg16_fc_head
+from core.errors import CheckpointError, ConfigError
+from core.backbones import build_trunk, freeze_early_layers, vgg16_fc_head
 
 torch.set_num_threads(1)
 
@@ -147,5 +148,5 @@ def test_freeze_vgg16_conv1_conv2():
 
 
 def test_unknown_trunk():
-    with pytest.raises(Exception, match="unknown trunk 'foo'"):
+    with pytest.raises(ConfigError, match="unknown trunk 'foo'"):
         build_trunk("foo")
