@@ -80,15 +80,13 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from .boxes import encode_masks, mask_to_box
+from .datasets import VOC_CLASSES
 from .errors import UserError
 from .io import atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-VOC_CLASSES_20 = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-)
 # The synthetic classes, in the order of SHAPES below (all are VOC class names).
 SHAPE_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "car")
 
@@ -172,7 +170,7 @@ def _car(u, v):
 SHAPES: dict[str, Callable] = {
     "aeroplane": _aeroplane, "bicycle": _bicycle, "bird": _bird, "boat": _boat, "bottle": _bottle, "car": _car,
 }
-assert tuple(SHAPES) == SHAPE_CLASSES and set(SHAPE_CLASSES) <= set(VOC_CLASSES_20)
+assert tuple(SHAPES) == SHAPE_CLASSES and set(SHAPE_CLASSES) <= set(VOC_CLASSES)
 
 
 # ----------------------------------------------------------------------------------------------- textures
@@ -359,8 +357,7 @@ def render(seed: int, index: int, size: int = 256):
             area = int(mask.sum())
             if area < MIN_KEEP_AREA:
                 continue
-            rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-            box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
+            box = tuple(int(b) for b in mask_to_box(mask))  # 0-based edges of the visible mask
             bw, bh = box[2] - box[0], box[3] - box[1]
             difficult = area < DIFFICULT_AREA or min(bw, bh) < DIFFICULT_SIDE or area < DIFFICULT_VISIBLE * full
             objects.append(dict(label=cls_idx, mask=mask, box=box, area=area, full_area=full,
@@ -414,13 +411,6 @@ def _voc_xml(image_id: str, width: int, height: int, objects) -> str:
     return "\n".join(parts) + "\n"
 
 
-def _encode_rle(mask: np.ndarray) -> dict:
-    from pycocotools import mask as mask_utils
-
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
-
-
 def _jpeg_bytes(img: np.ndarray) -> bytes:
     import io
 
@@ -437,13 +427,14 @@ def _make_one(job):
     voc = Path(out) / "VOC2007"
     atomic_write_bytes(voc / "JPEGImages" / f"{image_id}.jpg", _jpeg_bytes(img))
     atomic_write_text(voc / "Annotations" / f"{image_id}.xml", _voc_xml(image_id, w, h, objects))
+    rles = encode_masks(np.stack([o["mask"] for o in objects]))
     anns = []
-    for o in objects:
+    for o, rle in zip(objects, rles):
         x1, y1, x2, y2 = o["box"]
         anns.append({
             "image_id": int(image_id),
-            "category_id": VOC_CLASSES_20.index(SHAPE_CLASSES[o["label"]]) + 1,
-            "segmentation": _encode_rle(o["mask"]),
+            "category_id": VOC_CLASSES.index(SHAPE_CLASSES[o["label"]]) + 1,
+            "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"]},
             "area": float(o["area"]),
             "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
             "iscrowd": 0,
@@ -462,7 +453,7 @@ def _coco_json(images, anns_per_image, split: str) -> str:
         "licenses": [],
         "images": images,
         "annotations": annotations,
-        "categories": [{"id": i + 1, "name": n, "supercategory": "voc"} for i, n in enumerate(VOC_CLASSES_20)],
+        "categories": [{"id": i + 1, "name": n, "supercategory": "voc"} for i, n in enumerate(VOC_CLASSES)],
     }
     return json.dumps(obj, sort_keys=True, separators=(",", ":")) + "\n"
 
