@@ -60,6 +60,9 @@ TRUNK_NAMES = ("small", "vgg_a", "vgg16", "efficientnet_lite0", "resnet50")
 # torchvision ImageNet weights (IMAGENET1K_V1) expect RGB in [0, 1] normalised with these.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# torchvision VGG16_Weights.IMAGENET1K_FEATURES (Caffe VGG16) normalisation.
+VGG16_CAFFE_MEAN = (0.48235, 0.45882, 0.40784)
+VGG16_CAFFE_STD = (1.0 / 255.0,) * 3
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -464,7 +467,15 @@ def build_trunk(name: str, pretrained: str = "", *, allow_download: bool = False
             sd, source = _imagenet_tv_state_dict(name, allow_download)
             trunk.load_torchvision(sd, source)
         elif pretrained:
-            trunk.load_torchvision(_read_state_dict(pretrained), str(pretrained))
+            sd = _read_state_dict(pretrained)
+            trunk.load_torchvision(sd, str(pretrained))
+            cls = sd.get("classifier.0.weight")
+            if name == "vgg16" and cls is not None and not torch.isfinite(cls).all():
+                # torchvision's VGG16_Weights.IMAGENET1K_FEATURES (vgg16_features-amdegroot-88682ab5.pth, the Caffe
+                # VGG16 that Fast R-CNN used, converted; recognised by its NaN classifier) expects Caffe-style
+                # input: RGB in [0, 1] minus the Caffe pixel mean, times 255.
+                trunk.mean, trunk.std = VGG16_CAFFE_MEAN, VGG16_CAFFE_STD
+                log.info("%s: VGG16 IMAGENET1K_FEATURES weights, using Caffe normalisation", pretrained)
     elif name == "efficientnet_lite0":
         trunk = EfficientNetLite0Trunk()
         if pretrained:

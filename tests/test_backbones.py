@@ -138,6 +138,16 @@ def test_fc_head_random_and_nan_rejected(tmp_path):
         vgg16_fc_head("imagenet")
 
 
+def test_vgg16_features_weights_use_caffe_normalisation(tmp_path):
+    trunk = build_trunk("vgg16")
+    assert trunk.mean == backbones.IMAGENET_MEAN
+    sd = dict(trunk.state_dict())
+    sd["classifier.0.weight"] = torch.full((2, 2), float("nan"))  # like vgg16_features-amdegroot-88682ab5.pth
+    torch.save(sd, tmp_path / "vgg16_features.pth")
+    loaded = build_trunk("vgg16", str(tmp_path / "vgg16_features.pth"))
+    assert loaded.mean == backbones.VGG16_CAFFE_MEAN and loaded.std == backbones.VGG16_CAFFE_STD
+
+
 def test_freeze_vgg16_conv1_conv2():
     trunk = build_trunk("vgg16")
     frozen = freeze_early_layers(trunk, "vgg16")
