@@ -1,0 +1,481 @@
+"""PASCAL VOC2007 detection metric: 11-point interpolated AP at IoU > 0.5.
+
+Semantics follow py-faster-rcnn's ``lib/datasets/voc_eval.py`` with ``use_07_metric=True`` (itself a port of
+the VOC2007 MATLAB devkit ``VOCevaldet.m``); the code here is written independently and vectorised:
+
+* per class, detections are sorted by confidence, descending; ties keep their input order (stable sort; the
+  devkit's ``np.argsort(-confidence)`` is not stable, so tie order there is unspecified);
+* each detection is compared with the ground-truth boxes *of its class in its image* and takes the one with the
+  highest IoU, difficult and already-matched boxes included (first one on an exact tie, as ``np.argmax``);
+* IoU > 0.5 (strictly; the MATLAB devkit uses >= 0.5) with the devkit's +1 pixel convention: our 0-based-edge
+  boxes ``x1, y1, x2, y2`` become the devkit's 1-based inclusive ``x1+1, y1+1, x2, y2`` and a width is
+  ``x2 - x1 + 1`` there; the arithmetic is done in float64 in the devkit's order of operations;
+* a match on a difficult box is ignored (neither TP nor FP); a match on a free non-difficult box is a TP and
+  takes the box; a match on a taken box is a FP (duplicate); no match is a FP;
+* npos = number of non-difficult ground-truth boxes of the class;
+* AP = mean over t in {0, 0.1, ..., 1} of the max precision at recall >= t (0 when no recall reaches t). The
+  thresholds are ``np.arange(0., 1.1, 0.1)`` as in py-faster-rcnn, so they carry its floating-point values
+  (e.g. t = 0.30000000000000004: a recall of exactly 3/10 does *not* reach it, as in py-faster-rcnn).
+
+Two corner cases where py-faster-rcnn gives NaN are defined here: precision where no detection has counted yet
+(tp + fp = 0, i.e. the best detections only hit difficult boxes) is 0 instead of 0/0 (the MATLAB devkit's
+``max`` skips those NaNs; Detectron's port uses the same eps guard), and a class without non-difficult
+ground truth gets AP 0 (as both devkits), with a warning.
+
+Matching does not depend on which boxes are taken (the devkit never moves a detection to its second-best box),
+so a detection is a TP exactly when it is the first detection, in score order, whose best box is that
+(non-difficult) box; this turns the devkit's sequential loop into a few array operations per class.
+
+Result files: the devkit's ``comp4_det_<split>_<class>.txt``, one detection per line
+``<image_id> <score> <xmin> <ymin> <xmax> <ymax>`` in 1-based VOC coordinates (py-faster-rcnn
+``_write_voc_results_file``): we write ``x1+1, y1+1, x2, y2`` with one decimal like it, and the score with
+``repr`` (shortest exact round trip) instead of its ``{:.3f}``, so that the file keeps the exact score order and
+evaluating the file gives the in-memory result (up to the 0.1 px box rounding).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping, NamedTuple, Sequence
+
+import numpy as np
+
+from core.errors import DataError
+from core.io import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+# py-faster-rcnn voc_ap(use_07_metric=True): `for t in np.arange(0., 1.1, 0.1)` -- same floats on purpose.
+VOC07_RECALL_THRESHOLDS = np.arange(0.0, 1.1, 0.1)
+IOU_THRESHOLD = 0.5
+RESULT_FILE_TEMPLATE = "comp4_det_{split}_{cls}.txt"  # py-faster-rcnn _get_voc_results_file_template (comp4)
+
+# Detections of one class may be given as {image_id: (boxes (n,4), scores (n,))} or, to keep a file's exact
+# order, as FlatDetections (one entry per detection, in order).
+
+
+class FlatDetections(NamedTuple):
+    """Detections of one class in a fixed order: image id per detection, boxes (n,4) 0-based edges, scores."""
+
+    image_ids: list
+    boxes: np.ndarray
+    scores: np.ndarray
+
+
+@dataclass
+class ClassEval:
+    """Result of `eval_class`: AP, the precision/recall curve in score order, per-detection TP/FP, npos."""
+
+    ap: float
+    rec: np.ndarray
+    prec: np.ndarray
+    tp: np.ndarray  # (n,) 1.0 where the sorted detection is a true positive
+    fp: np.ndarray  # (n,) 1.0 where it is a false positive (both 0: matched a difficult box, ignored)
+    npos: int
+
+    def __float__(self) -> float:
+        return float(self.ap)
+
+
+# ----------------------------------------------------------------------------------------------- the metric
+
+
+def voc07_ap(rec, prec) -> float:
+    """VOC2007 11-point interpolated AP: mean over t in {0, .1, ..., 1} of max(prec[rec >= t]) (0 if none)."""
+    rec = np.asarray(rec, dtype=np.float64).ravel()
+    prec = np.asarray(prec, dtype=np.float64).ravel()
+    if rec.shape != prec.shape:
+        raise ValueError(f"rec and prec differ in length: {rec.shape} vs {prec.shape}")
+    ap = 0.0
+    for t in VOC07_RECALL_THRESHOLDS:
+        sel = rec >= t
+        p = float(np.max(prec[sel])) if sel.any() else 0.0
+        ap = ap + p / 11.0  # accumulated in the devkit's order, so the float result is the same
+    return ap
+
+
+def _to_devkit(boxes: np.ndarray) -> np.ndarray:
+    """0-based pixel edges -> the devkit's 1-based inclusive coordinates (x1+1, y1+1, x2, y2), float64."""
+    b = np.array(boxes, dtype=np.float64).reshape(-1, 4)
+    b[:, :2] += 1.0
+    return b
+
+
+def _best_overlaps(det: np.ndarray, det_img: np.ndarray, gt_pad: np.ndarray, gt_valid: np.ndarray,
+                   chunk_elems: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
+    """For every detection (devkit coordinates), the highest IoU with a gt box of its image and that box's slot.
+
+    gt_pad: (n_img, G, 4) devkit coordinates, gt_valid: (n_img, G). Same arithmetic as py-faster-rcnn voc_eval
+    (intersection +1, union with +1 widths); a NaN IoU wins argmax and fails `> thresh`, as np.argmax/np.max there.
+    Detections in an image without gt get -inf.
+    """
+    n = det.shape[0]
+    G = gt_pad.shape[1]
+    ovmax = np.full(n, -np.inf)
+    jmax = np.zeros(n, dtype=np.int64)
+    if n == 0 or G == 0:
+        return ovmax, jmax
+    step = max(1, chunk_elems // G)
+    for s in range(0, n, step):
+        d = det[s:s + step, None, :]  # (c,1,4)
+        img = det_img[s:s + step]
+        g = gt_pad[img]  # (c,G,4)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ixmin = np.maximum(g[..., 0], d[..., 0])
+            iymin = np.maximum(g[..., 1], d[..., 1])
+            ixmax = np.minimum(g[..., 2], d[..., 2])
+            iymax = np.minimum(g[..., 3], d[..., 3])
+            iw = np.maximum(ixmax - ixmin + 1.0, 0.0)
+            ih = np.maximum(iymax - iymin + 1.0, 0.0)
+            inters = iw * ih
+            uni = ((d[..., 2] - d[..., 0] + 1.0) * (d[..., 3] - d[..., 1] + 1.0)
+                   + (g[..., 2] - g[..., 0] + 1.0) * (g[..., 3] - g[..., 1] + 1.0) - inters)
+            ov = inters / uni
+        ov[~gt_valid[img]] = -np.inf
+        j = np.argmax(ov, axis=1)
+        jmax[s:s + step] = j
+        ovmax[s:s + step] = ov[np.arange(len(j)), j]
+    return ovmax, jmax
+
+
+def _eval_arrays(det_boxes: np.ndarray, det_scores: np.ndarray, det_img: np.ndarray,
+                 gt_boxes: np.ndarray, gt_img: np.ndarray, gt_difficult: np.ndarray, n_img: int,
+                 iou_thresh: float = IOU_THRESHOLD) -> ClassEval:
+    """Core of the metric on flat arrays. Boxes in 0-based edges; *_img are indices in [0, n_img)."""
+    det_scores = np.asarray(det_scores, dtype=np.float64).ravel()
+    det_img = np.asarray(det_img, dtype=np.int64).ravel()
+    gt_img = np.asarray(gt_img, dtype=np.int64).ravel()
+    gt_difficult = np.asarray(gt_difficult, dtype=bool).ravel()
+    npos = int((~gt_difficult).sum())
+    nd = det_scores.shape[0]
+
+    # ground truth -> padded per-image arrays (n_img, G, 4), slots in input order within each image
+    g_order = np.argsort(gt_img, kind="stable")
+    gi = gt_img[g_order]
+    counts = np.bincount(gi, minlength=n_img)
+    G = int(counts.max()) if counts.size else 0
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]) if counts.size else np.zeros(0, np.int64)
+    slot = np.arange(gi.shape[0]) - starts[gi]
+    gt_pad = np.zeros((n_img, G, 4))
+    gt_valid = np.zeros((n_img, G), dtype=bool)
+    gt_diff_pad = np.zeros((n_img, G), dtype=bool)
+    gt_pad[gi, slot] = _to_devkit(gt_boxes)[g_order]
+    gt_valid[gi, slot] = True
+    gt_diff_pad[gi, slot] = gt_difficult[g_order]
+
+    # detections sorted by confidence, descending, ties in input order
+    order = np.argsort(-det_scores, kind="stable")
+    d = _to_devkit(det_boxes)[order]
+    dimg = det_img[order]
+    ovmax, jmax = _best_overlaps(d, dimg, gt_pad, gt_valid)
+
+    hit = ovmax > iou_thresh  # NaN / -inf compare False -> FP, as in the devkit
+    difficult_hit = np.zeros(nd, dtype=bool)
+    difficult_hit[hit] = gt_diff_pad[dimg[hit], jmax[hit]]
+    cand = np.flatnonzero(hit & ~difficult_hit)  # in score order
+    tp = np.zeros(nd)
+    if cand.size:
+        key = dimg[cand] * max(G, 1) + jmax[cand]
+        _, first = np.unique(key, return_index=True)  # first detection (in score order) to claim each box
+        tp[cand[first]] = 1.0
+    fp = np.where(difficult_hit, 0.0, 1.0 - tp)
+
+    tp_c = np.cumsum(tp)
+    fp_c = np.cumsum(fp)
+    rec = tp_c / float(npos) if npos > 0 else np.zeros(nd)
+    # eps guard where only difficult hits have been seen (tp + fp = 0); elsewhere identical to tp / (tp + fp)
+    prec = tp_c / np.maximum(tp_c + fp_c, np.finfo(np.float64).eps)
+    ap = voc07_ap(rec, prec)
+    return ClassEval(ap=ap, rec=rec, prec=prec, tp=tp, fp=fp, npos=npos)
+
+
+# ------------------------------------------------------------------------------------- inputs -> flat arrays
+
+
+def _as_boxes(boxes, what: str) -> np.ndarray:
+    b = np.asarray(boxes, dtype=np.float64)
+    if b.size == 0:
+        return np.zeros((0, 4))
+    if b.ndim != 2 or b.shape[1] != 4:
+        raise DataError(f"{what}: boxes must have shape (n, 4), got {b.shape}")
+    return b
+
+
+def _flatten_dets(dets, index: Mapping, what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """dict {image_id: (boxes, scores)} or FlatDetections -> (boxes (n,4), scores (n,), image index (n,))."""
+    if isinstance(dets, FlatDetections) or (isinstance(dets, tuple) and len(dets) == 3):
+        ids, boxes, scores = dets
+        boxes = _as_boxes(boxes, what)
+        scores = np.asarray(scores, dtype=np.float64).ravel()
+        try:
+            img = np.fromiter((index[i] for i in ids), dtype=np.int64, count=len(ids))
+        except KeyError as e:
+            raise DataError(f"{what}: detections for image id {e.args[0]!r}, which is not in the split") from None
+    else:
+        bl, sl, il = [], [], []
+        for iid, val in dets.items():
+            if iid not in index:
+                raise DataError(f"{what}: detections for image id {iid!r}, which is not in the split")
+            try:
+                b, s = val
+            except (TypeError, ValueError):
+                raise DataError(f"{what}: image {iid!r}: detections must be (boxes, scores)") from None
+            b = _as_boxes(b, f"{what}: image {iid!r}")
+            s = np.asarray(s, dtype=np.float64).ravel()
+            if s.shape[0] != b.shape[0]:
+                raise DataError(f"{what}: image {iid!r}: {b.shape[0]} boxes but {s.shape[0]} scores")
+            bl.append(b)
+            sl.append(s)
+            il.append(np.full(b.shape[0], index[iid], dtype=np.int64))
+        boxes = np.concatenate(bl) if bl else np.zeros((0, 4))
+        scores = np.concatenate(sl) if sl else np.zeros(0)
+        img = np.concatenate(il) if il else np.zeros(0, np.int64)
+    if scores.shape[0] != boxes.shape[0]:
+        raise DataError(f"{what}: {boxes.shape[0]} boxes but {scores.shape[0]} scores")
+    bad = ~(np.isfinite(scores) & np.isfinite(boxes).all(axis=1))
+    if bad.any():
+        k = int(np.flatnonzero(bad)[0])
+        iid = list(index)[int(img[k])]
+        raise DataError(f"{what}: image {iid!r}: non-finite score or box {scores[k]} {boxes[k].tolist()}")
+    return boxes, scores, img
+
+
+def eval_class(dets, gts: Mapping, iou_thresh: float = IOU_THRESHOLD, name: str = "detections") -> ClassEval:
+    """VOC07 AP of one class.
+
+    dets: {image_id: (boxes (n,4) 0-based edges, scores (n,))} or FlatDetections (order kept for ties);
+    gts: {image_id: (boxes (m,4) 0-based edges, difficult (m,) bool)} -- every image of the split, also those
+    without objects of the class (their detections are false positives). Returns a ClassEval (float() = AP).
+    A detection on an image not in gts raises DataError naming it.
+    """
+    index = {iid: k for k, iid in enumerate(gts)}
+    gb, gi, gd = [], [], []
+    for iid, val in gts.items():
+        b, dif = val
+        b = _as_boxes(b, f"ground truth of image {iid!r}")
+        dif = np.asarray(dif, dtype=bool).ravel()
+        if dif.shape[0] != b.shape[0]:
+            raise DataError(f"ground truth of image {iid!r}: {b.shape[0]} boxes but {dif.shape[0]} difficult flags")
+        gb.append(b)
+        gd.append(dif)
+        gi.append(np.full(b.shape[0], index[iid], dtype=np.int64))
+    gt_boxes = np.concatenate(gb) if gb else np.zeros((0, 4))
+    gt_diff = np.concatenate(gd) if gd else np.zeros(0, bool)
+    gt_img = np.concatenate(gi) if gi else np.zeros(0, np.int64)
+    boxes, scores, img = _flatten_dets(dets, index, name)
+    return _eval_arrays(boxes, scores, img, gt_boxes, gt_img, gt_diff, len(index), iou_thresh)
+
+
+# ------------------------------------------------------------------------------------------ whole data set
+
+
+def _records_of(gt) -> list:
+    if isinstance(gt, (list, tuple)):
+        return list(gt)
+    return [gt[i] for i in range(len(gt))]
+
+
+def evaluate_detections(gt, detections: Mapping, classes: Sequence[str] | None = None,
+                        iou_thresh: float = IOU_THRESHOLD) -> dict:
+    """VOC07 mAP over classes.
+
+    gt: a dataset (VOCDataset-like: ``.classes``, ``len``, ``[i] -> Record``), a list of Records (then
+    ``classes`` defaults to VOC_CLASSES), or a dict {class: {image_id: (boxes, difficult)}} covering every image
+    of the split for every class.
+    detections: {class: {image_id: (boxes, scores)} or FlatDetections}; a class without an entry has no
+    detections (AP 0); a class not in ``classes`` raises DataError.
+    Returns {'mAP': mean AP over the classes, 'ap': {class: AP}} (plain floats).
+    """
+    if isinstance(gt, Mapping):
+        classes = list(classes) if classes is not None else list(gt)
+        missing = [c for c in classes if c not in gt]
+        if missing:
+            raise DataError(f"ground truth has no entry for class(es) {missing}")
+        per_class = None
+    else:
+        if classes is None:
+            classes = getattr(gt, "classes", None)
+        if classes is None:
+            from core.datasets import VOC_CLASSES
+            classes = VOC_CLASSES
+        classes = list(classes)
+        records = _records_of(gt)
+        image_ids = [r.image_id for r in records]
+        if len(set(image_ids)) != len(image_ids):
+            raise DataError("ground truth lists an image id twice")
+        index = {iid: k for k, iid in enumerate(image_ids)}
+        n = [len(r.boxes) for r in records]
+        gt_boxes = np.concatenate([np.asarray(r.boxes, np.float64).reshape(-1, 4) for r in records]) \
+            if records else np.zeros((0, 4))
+        gt_labels = np.concatenate([np.asarray(r.labels, np.int64).ravel() for r in records]) \
+            if records else np.zeros(0, np.int64)
+        gt_diff = np.concatenate([np.asarray(r.difficult, bool).ravel() for r in records]) \
+            if records else np.zeros(0, bool)
+        gt_img = np.repeat(np.arange(len(records), dtype=np.int64), n)
+        per_class = (index, gt_boxes, gt_labels, gt_diff, gt_img)
+
+    unknown = [c for c in detections if c not in classes]
+    if unknown:
+        raise DataError(f"detections for unknown class(es) {unknown}; classes are {classes}")
+
+    aps: dict[str, float] = {}
+    for ci, cls in enumerate(classes):
+        dets = detections.get(cls, {})
+        if per_class is None:
+            res = eval_class(dets, gt[cls], iou_thresh, name=f"class {cls!r}")
+        else:
+            index, gt_boxes, gt_labels, gt_diff, gt_img = per_class
+            sel = gt_labels == ci
+            boxes, scores, img = _flatten_dets(dets, index, f"class {cls!r}")
+            res = _eval_arrays(boxes, scores, img, gt_boxes[sel], gt_img[sel], gt_diff[sel], len(index),
+                               iou_thresh)
+        if res.npos == 0:
+            log.warning("class %s has no non-difficult ground truth in this split: AP set to 0", cls)
+        aps[cls] = float(res.ap)
+    m = float(np.mean(list(aps.values()))) if aps else float("nan")
+    return {"mAP": m, "ap": aps}
+
+
+def detections_by_class(per_image: Mapping, classes: Sequence[str]) -> dict:
+    """{image_id: (boxes (n,4), scores (n,), labels (n,) 0-based class index)} -> {class: {image_id: (b, s)}}."""
+    out: dict[str, dict] = {c: {} for c in classes}
+    for iid, (boxes, scores, labels) in per_image.items():
+        boxes = np.asarray(boxes).reshape(-1, 4)
+        scores = np.asarray(scores).ravel()
+        labels = np.asarray(labels).ravel()
+        for ci in np.unique(labels):
+            if not 0 <= ci < len(classes):
+                raise DataError(f"image {iid!r}: label {ci} outside the {len(classes)} classes")
+            sel = labels == ci
+            out[classes[int(ci)]][iid] = (boxes[sel], scores[sel])
+    return out
+
+
+# -------------------------------------------------------------------------------------- devkit result files
+
+
+def result_file(res_dir, split: str, cls: str) -> Path:
+    return Path(res_dir) / RESULT_FILE_TEMPLATE.format(split=split, cls=cls)
+
+
+def _flat(dets) -> FlatDetections:
+    if isinstance(dets, FlatDetections) or (isinstance(dets, tuple) and len(dets) == 3):
+        ids, b, s = dets
+        return FlatDetections(list(ids), _as_boxes(b, "detections"), np.asarray(s, np.float64).ravel())
+    ids, bl, sl = [], [], []
+    for iid, (b, s) in dets.items():
+        b = _as_boxes(b, f"image {iid!r}")
+        s = np.asarray(s, np.float64).ravel()
+        if s.shape[0] != b.shape[0]:
+            raise DataError(f"image {iid!r}: {b.shape[0]} boxes but {s.shape[0]} scores")
+        ids.extend([iid] * b.shape[0])
+        bl.append(b)
+        sl.append(s)
+    return FlatDetections(ids, np.concatenate(bl) if bl else np.zeros((0, 4)),
+                          np.concatenate(sl) if sl else np.zeros(0))
+
+
+def write_results(res_dir, split: str, detections: Mapping, classes: Sequence[str]) -> list[Path]:
+    """Write one devkit result file per class (an empty file for a class without detections), atomically.
+
+    Line: ``<image_id> <score> <x1+1> <y1+1> <x2> <y2>`` (1-based VOC coordinates, one decimal as
+    py-faster-rcnn's _write_voc_results_file; the score in full precision). Returns the paths written.
+    """
+    unknown = [c for c in detections if c not in classes]
+    if unknown:
+        raise DataError(f"detections for unknown class(es) {unknown}")
+    paths = []
+    for cls in classes:
+        f = _flat(detections.get(cls, {}))
+        b = f.boxes
+        lines = [f"{iid} {float(s)!r} {x1 + 1:.1f} {y1 + 1:.1f} {x2:.1f} {y2:.1f}\n"
+                 for iid, s, (x1, y1, x2, y2) in zip(f.image_ids, f.scores.tolist(), b.tolist())]
+        bad = [iid for iid in f.image_ids if not isinstance(iid, str) or not iid or any(c.isspace() for c in iid)]
+        if bad:
+            raise DataError(f"class {cls!r}: image id {bad[0]!r} cannot be written to a result file")
+        p = result_file(res_dir, split, cls)
+        atomic_write_text(p, "".join(lines))
+        paths.append(p)
+    return paths
+
+
+def read_result_file(path, image_ids: Iterable[str] | None = None) -> FlatDetections:
+    """Read one devkit result file back to 0-based edges (x1-1, y1-1, x2, y2), keeping the line order.
+
+    Blank lines are skipped. A malformed line raises DataError('<file>:<line>: <problem>'); with image_ids
+    given, an id outside them raises DataError naming it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: result file not found")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+    known = set(image_ids) if image_ids is not None else None
+    ids: list[str] = []
+    vals: list[list[str]] = []
+    for ln, line in enumerate(text.splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 6:
+            raise DataError(f"{path}:{ln}: expected 6 fields '<image_id> <score> <xmin> <ymin> <xmax> <ymax>', "
+                            f"got {len(parts)}")
+        if known is not None and parts[0] not in known:
+            raise DataError(f"{path}:{ln}: image id {parts[0]!r} is not in the split")
+        ids.append(parts[0])
+        vals.append(parts[1:])
+    try:
+        arr = np.array(vals, dtype=np.float64).reshape(-1, 5)
+    except ValueError:
+        for ln, line in enumerate(text.splitlines(), 1):  # find the line for the message
+            parts = line.split()
+            for tok in parts[1:]:
+                try:
+                    float(tok)
+                except ValueError:
+                    raise DataError(f"{path}:{ln}: {tok!r} is not a number") from None
+        raise DataError(f"{path}: cannot parse numbers") from None
+    bad = ~np.isfinite(arr).all(axis=1)
+    if bad.any():
+        k = int(np.flatnonzero(bad)[0])
+        ln = [i for i, line in enumerate(text.splitlines(), 1) if line.split()][k]
+        raise DataError(f"{path}:{ln}: non-finite value")
+    boxes = arr[:, 1:].copy()
+    boxes[:, :2] -= 1.0
+    return FlatDetections(ids, boxes, arr[:, 0].copy())
+
+
+def read_results(res_dir, split: str, classes: Sequence[str], image_ids: Iterable[str] | None = None,
+                 strict: bool = True) -> dict:
+    """Read the result files of all classes: {class: FlatDetections}.
+
+    A missing file raises DataError naming it; with ``strict`` a ``comp4_det_<split>_<name>.txt`` whose name is
+    not a class raises DataError too (a typo would otherwise silently give AP 0).
+    """
+    res_dir = Path(res_dir)
+    if not res_dir.is_dir():
+        raise DataError(f"{res_dir}: results folder not found")
+    if strict:
+        prefix, suffix = f"comp4_det_{split}_", ".txt"
+        for name in sorted(os.listdir(res_dir)):
+            if name.startswith(prefix) and name.endswith(suffix):
+                c = name[len(prefix):-len(suffix)]
+                if c not in classes:
+                    raise DataError(f"{res_dir / name}: unknown class {c!r}")
+    ids = list(image_ids) if image_ids is not None else None
+    return {c: read_result_file(result_file(res_dir, split, c), ids) for c in classes}
+
+
+def format_table(result: Mapping) -> str:
+    """Human-readable per-class AP table (for entry points)."""
+    lines = [f"{'class':<14s} {'AP':>7s}"]
+    for c, ap in result["ap"].items():
+        lines.append(f"{c:<14s} {100 * ap:7.2f}")
+    m = result["mAP"]
+    lines.append(f"{'mAP':<14s} {100 * m:7.2f}" if not math.isnan(m) else f"{'mAP':<14s}     nan")
+    return "\n".join(lines)
