@@ -58,65 +58,109 @@ class SSConfig:
 
 @dataclass
 class DeepMaskConfig:
-    """DeepMask (paper §3). Defaults are the paper's values."""
+    """DeepMask (paper §3). Defaults are the paper's values (§3.4); the official code's choices are options."""
 
-    trunk: str = "vgg_a"
+    # model (§3.1, §3.4)
+    trunk: str = "vgg_a"  # vgg_a (paper) | efficientnet_lite0 (CPU runs on real images) | small (synthetic/tests)
     pretrained: str = ""  # '' random init | 'imagenet' (offline weights) | path to a state dict
-    head: str = "lowrank"  # lowrank (DeepMask) | full (DeepMaskFull)
-    seg_channels: int = 512
+    head: str = "lowrank"  # lowrank (DeepMask) | full (DeepMaskFull, Table 1: 56x56 outputs fully connected)
+    seg_channels: int = 512  # 1x1 conv of the segmentation branch (official code: 128)
     lowrank_dim: int = 512
-    mask_size: int = 56
-    patch_size: int = 224
-    object_size: int = 128
+    mask_size: int = 56  # h^o = w^o of eq. (1); bilinearly upsampled (fixed) to patch_size
+    patch_size: int = 224  # input patch (multiple of 16)
+    object_size: int = 128  # max side of a canonical positive in the patch
+    score_hidden: list[int] = field(default_factory=lambda: [512, 1024])  # score FC layers (§3.4)
+    dropout: float = 0.5
+    # training data (§3.2, §3.4; official DataSampler for the filters)
     categories: list[str] = field(default_factory=list)  # empty = all; e.g. the 20 PASCAL classes (DeepMask20)
     train_sets: list[CocoSource] = field(default_factory=list)
-    val_sets: list[CocoSource] = field(default_factory=list)
+    val_sets: list[CocoSource] = field(default_factory=list)  # empty: hold out val_fraction of the train images
+    val_fraction: float = 0.05
+    pos_shift: float = 16.0  # positive jitter: +-16 px shift (patch pixels) ...
+    pos_scale: float = 0.25  # ... scale 2^(+-1/4) ...
+    flip: bool = True  # ... and horizontal flip
+    neg_shift: float = 32.0  # negatives: >= +-32 px (patch pixels) ...
+    neg_scale: float = 1.0  # ... or 2^(+-1) in scale from every canonical positive
+    neg_scale_min: float = -2.5  # log2 range of negative patch scales: the inference scales +- one step
+    neg_scale_max: float = 1.5
+    min_area: float = 100.0  # objects skipped as positives: crowd, area < 100 or box side < 5 (official code)
+    min_side: float = 5.0
+    pad_color: str = "mean"  # patch area outside the image: 'mean' (trunk mean colour) | 'grey' (0.5, official)
+    batch_mode: str = "alternate"  # alternate mask / score batches (§3.2) | joint (1:1 batch, both losses)
+    image_cache: int = 64  # decoded images (+ masks) cached per loader worker
     # training (§3.4)
     iters: int = 100000
     batch_size: int = 32
     lr: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 5e-5
+    lr_steps: list[int] = field(default_factory=list)  # iterations where lr *= gamma (paper: constant lr)
+    gamma: float = 0.1
     score_weight: float = 1.0 / 32  # lambda of eq. (1)
     workers: int = 2
+    val_every: int = 1000  # iterations between validations (0 = only at the end)
+    val_batches: int = 10  # fixed, seeded held-out batches (batch_size patches each, 1:1 pos/neg)
+    checkpoint_every: int = 1000
     # full-scene inference (§3.3, §3.4)
     scale_min: float = -2.0  # log2 of the smallest scale
     scale_max: float = 1.0
     scale_step: float = 0.5
-    zoom: bool = False  # DeepMaskZoom: one extra smaller scale
+    zoom: bool = False  # DeepMaskZoom: one extra scale 2^(scale_max + scale_step), for small objects
     mask_threshold: float = 0.2  # .2 COCO, .1 PASCAL
     top_n: int = 2000
-    nms: float = 0.0  # 0 = no NMS (official code)
+    nms: float = 0.0  # 0 = no NMS (official code); else IoU threshold of box NMS over the pasted masks
+    infer_pad: float = 0.5  # image padded by infer_pad * patch_size (scaled px) per side (official: 80 of 160)
+    max_image_side: int = 0  # 0 = no cap; else images are first downscaled so the longer side is at most this
+    scale_batch: bool = False  # run all scales of an image as one padded batch (GPU; §4 "Speed")
+    chunk: int = 128  # candidates pasted / RLE-encoded at a time (bounds memory)
 
 
 @dataclass
 class DetectorConfig:
-    """Fast R-CNN (Girshick, ICCV 2015), official recipe."""
+    """Fast R-CNN (Girshick, ICCV 2015), official recipe (rbgirshick/fast-rcnn, VGG16 on VOC07)."""
 
-    trunk: str = "vgg16"
-    pretrained: str = ""
-    fc_dim: int = 4096
-    scales: list[int] = field(default_factory=lambda: [600])
-    max_size: int = 1000
+    # model (paper Sec. 2; fast-rcnn models/VGG16/train.prototxt)
+    trunk: str = "vgg16"  # vgg16 (paper) | efficientnet_lite0 (CPU runs) | vgg_a | small (synthetic / tests)
+    pretrained: str = "imagenet"  # '' random init | 'imagenet' (offline weights) | path to a state dict
+    fc_dim: int = 4096  # fc6/fc7 width (VGG16: 4096 from the ImageNet classifier; smaller for light trunks)
+    dropout: float = 0.5
+    roi_size: int = 7  # RoI max pooling output (7x7 at spatial scale 1/16)
+    freeze_early: bool = True  # conv1_1..conv2_2 frozen for VGG16 (core.backbones.freeze_early_layers)
+    freeze_bn: bool = True  # keep BatchNorm of a *pretrained* trunk frozen (2 images/batch); ignored for random init
+    # data (fast-rcnn config.py: TRAIN.SCALES, MAX_SIZE, USE_FLIPPED, USE_DIFF)
+    scales: list[int] = field(default_factory=lambda: [600])  # shorter side at train (one drawn per image)
+    max_size: int = 1000  # longer side at most (train and test)
+    test_scale: int = 600
+    flip: bool = True
+    use_difficult: bool = False  # difficult gt excluded from training (USE_DIFF False)
+    train_top: int = 2000  # proposals per image at train (0 = all in the store); --top overrides
+    # minibatch (paper Sec. 2.3)
     ims_per_batch: int = 2
-    batch_rois: int = 128
+    batch_rois: int = 128  # RoIs per minibatch (64 per image)
     fg_fraction: float = 0.25
     fg_thresh: float = 0.5
     bg_thresh_hi: float = 0.5
     bg_thresh_lo: float = 0.1
-    flip: bool = True
+    bbox_stds: list[float] = field(default_factory=lambda: [0.1, 0.1, 0.2, 0.2])  # py-faster-rcnn fixed stds
+    # optimisation (fast-rcnn models/VGG16/solver.prototxt)
     lr: float = 0.001
     momentum: float = 0.9
     weight_decay: float = 0.0005
+    bias_lr_factor: float = 2.0  # biases: lr x2 (lr_mult 2) ...
+    bias_weight_decay: float = 0.0  # ... and no weight decay (decay_mult 0)
     iters: int = 40000
     lr_steps: list[int] = field(default_factory=lambda: [30000])
     gamma: float = 0.1
-    train_top: int = 2000
+    checkpoint_every: int = 10000  # SNAPSHOT_ITERS
+    log_every: int = 20
+    workers: int = 2  # DataLoader workers (decode + resize + RoI sampling)
+    # test (fast-rcnn test.py; py-faster-rcnn thresholds)
     test_nms: float = 0.3
     score_thresh: float = 0.05
-    max_dets: int = 100
-    svd: bool = False
-    workers: int = 2
+    max_dets: int = 100  # per image, all classes
+    svd: bool = False  # truncated SVD of fc6/fc7 at test (paper Sec. 3.1)
+    svd_fc6_rank: int = 1024
+    svd_fc7_rank: int = 256
 
 
 @dataclass

@@ -1,0 +1,252 @@
+"""Fast R-CNN inference and VOC07 evaluation (fast-rcnn ``lib/fast_rcnn/test.py``; thresholds of py-faster-rcnn).
+
+Per image: the trunk runs once at the test scale (shorter side ``test_scale``, longer at most ``max_size``); the
+RoI head runs once, batched, on the top ``max(tops)`` proposals; class scores are the softmax, boxes the
+class-specific regressed boxes clipped to the image. Since the head treats every RoI independently (no dropout at
+test), the outputs for the first N proposals are the first N rows, so one pass serves every N in ``tops``:
+for each N, detections with score > ``score_thresh`` (0.05) per class, per-class NMS at ``test_nms`` (0.3)
+(torchvision.ops.batched_nms), at most ``max_dets`` (100) per image (py-faster-rcnn ``test_net``).
+
+The official Fast R-CNN code also removes RoIs that map to the same feature-map cell (DEDUP_BOXES = 1/16) to save
+time; we do not (it would change nothing but speed, and would complicate the slicing by N).
+
+Outputs per N in ``out_dir/top<N>/``: the devkit's ``comp4_det_<split>_<class>.txt`` (detector/voc_eval.py's
+writer), ``detections.json`` (COCO-style: image_id, category_id = class index + 1, category, bbox [x,y,w,h] in
+0-based pixels, score) and ``metrics.json``; plus ``out_dir/results.json`` with every N.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.ops import batched_nms
+from tqdm import tqdm
+
+from core.errors import ConfigError, DataError
+from core.images import load_image
+from core.io import write_json
+
+from . import voc_eval
+from .model import FastRCNN
+from .sampling import clip_boxes, decode_boxes
+from .transforms import compute_scale, resize_image, to_tensor
+
+log = logging.getLogger(__name__)
+
+HEAD_CHUNK = 1024  # RoIs per head call (bounds memory: 1024 x 25088 floats for VGG16 pool5)
+
+
+def postprocess(scores: torch.Tensor, boxes: torch.Tensor, score_thresh: float = 0.05, nms_thresh: float = 0.3,
+                max_dets: int = 100) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-class thresholding + NMS + per-image cap.
+
+    ``scores`` (R,K+1) softmax (column 0 = background), ``boxes`` (R,K+1,4). Returns boxes (D,4), scores (D,),
+    labels (D,) 0-based object classes, sorted by score (descending)."""
+    s = scores[:, 1:]
+    keep = torch.nonzero(s > score_thresh)
+    if keep.numel() == 0:
+        return boxes.new_zeros((0, 4)), scores.new_zeros(0), torch.zeros(0, dtype=torch.long)
+    r, c = keep[:, 0], keep[:, 1]
+    b = boxes[r, c + 1]
+    sc = s[r, c]
+    k = batched_nms(b, sc, c, nms_thresh)  # sorted by decreasing score
+    if max_dets > 0:
+        k = k[:max_dets]
+    return b[k], sc[k], c[k]
+
+
+class _TestImages(Dataset):
+    """Decode + resize in DataLoader workers; proposals read with the image."""
+
+    def __init__(self, dataset, store, top: int, test_scale: int, max_size: int, mean, std):
+        self.ids = list(dataset.image_ids)
+        self.dataset = dataset
+        self.store = store
+        self.top = top
+        self.test_scale, self.max_size = test_scale, max_size
+        self.mean, self.std = mean, std
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        iid = self.ids[i]
+        rec = self.dataset.get(iid)
+        image = load_image(rec.path)
+        h, w = image.shape[:2]
+        scale = compute_scale(h, w, self.test_scale, self.max_size)
+        img = to_tensor(resize_image(image, scale), self.mean, self.std)
+        props = self.store.get(iid, top=self.top, masks=False).boxes
+        return {"image_id": iid, "image": img, "scale": scale, "height": h, "width": w,
+                "proposals": torch.from_numpy(np.ascontiguousarray(props, dtype=np.float32)).reshape(-1, 4)}
+
+
+def _first(batch):
+    return batch[0]
+
+
+@torch.inference_mode()
+def detect_image(model: FastRCNN, image: torch.Tensor, proposals: torch.Tensor, scale: float, height: int,
+                 width: int, stds=(0.1, 0.1, 0.2, 0.2)) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Scores (R,K+1) and clipped class-specific boxes (R,K+1,4) in original image pixels for every proposal
+    (fast-rcnn ``im_detect``). ``image`` is the normalised, rescaled (3,H,W) tensor."""
+    device = next(model.parameters()).device
+    t0 = time.perf_counter()
+    R = proposals.shape[0]
+    K1 = model.num_classes + 1
+    if R == 0:
+        return torch.zeros((0, K1)), torch.zeros((0, K1, 4)), {"trunk": 0.0, "head": 0.0}
+    feats = model.features(image[None].to(device))
+    t1 = time.perf_counter()
+    props = proposals.to(device)
+    rois = torch.cat([props.new_zeros((R, 1)), props * scale], dim=1)
+    logits, deltas = [], []
+    for s in range(0, R, HEAD_CHUNK):
+        lg, dl = model.head(feats, rois[s:s + HEAD_CHUNK])
+        logits.append(lg)
+        deltas.append(dl)
+    scores = torch.softmax(torch.cat(logits).float(), dim=1)
+    deltas = torch.cat(deltas).float().view(R, K1, 4)
+    # targets are scale-invariant, so decoding against the proposals in original pixels equals the official
+    # decode in rescaled pixels followed by division by the scale
+    boxes = clip_boxes(decode_boxes(props.float(), deltas, stds), height, width)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    return scores.cpu(), boxes.cpu(), {"trunk": t1 - t0, "head": t2 - t1}
+
+
+def _load_model(model_or_ckpt, device):
+    from .train import load_detector
+
+    if isinstance(model_or_ckpt, FastRCNN):
+        return model_or_ckpt, None
+    model, ckpt = load_detector(model_or_ckpt, device)
+    return model, ckpt
+
+
+def present_classes(dataset) -> list[str]:
+    """Classes with at least one non-difficult ground-truth object in the split (VOC07 AP is defined for them)."""
+    counts = np.zeros(len(dataset.classes), np.int64)
+    for rec in dataset:
+        lab = np.asarray(rec.labels, np.int64)[~np.asarray(rec.difficult, bool)]
+        counts += np.bincount(lab, minlength=len(dataset.classes))
+    return [c for c, n in zip(dataset.classes, counts) if n > 0]
+
+
+def test_detector(model_or_ckpt, store, dataset, tops: list[int], out_dir, cfg=None, device: str | None = None,
+                  progress: bool = True) -> dict:
+    """Detect on every image of ``dataset`` with the top N proposals of ``store`` for each N in ``tops``, in ONE
+    pass over the images; write the result files per N and return {N: {'mAP', 'ap', 'mAP_all', ...}}.
+
+    ``model_or_ckpt``: a FastRCNN, a checkpoint dict or a path. ``store``: a ProposalStore or its path (checked
+    against the dataset and split). ``cfg``: a Config whose ``detector`` test fields (test_scale, max_size,
+    score_thresh, test_nms, max_dets, svd*) are used; default: the checkpoint's config.
+    'mAP' averages the AP over the classes that have (non-difficult) ground truth in the split (all 20 on VOC; the
+    synthetic set uses 6 of the 20 VOC names); 'mAP_all' over all classes (absent ones count 0)."""
+    from core.config import from_dict
+    from core.store import ProposalStore
+
+    tops = sorted({int(t) for t in tops})
+    if not tops or tops[0] <= 0:
+        raise ConfigError(f"--top: proposal counts must be positive integers, got {tops}")
+    device = device or (cfg.device if cfg is not None else "cpu")
+    model, ckpt = _load_model(model_or_ckpt, device)
+    if cfg is None:
+        if ckpt is None:
+            raise ConfigError("test_detector: pass cfg when giving a model object")
+        cfg = from_dict(ckpt["config"])
+    dcfg = cfg.detector
+    if model.num_classes != len(dataset.classes):
+        raise DataError(f"the detector has {model.num_classes} classes but dataset {dataset.name} has "
+                        f"{len(dataset.classes)}")
+    if ckpt is not None and list(ckpt["classes"]) != list(dataset.classes):
+        raise DataError(f"the detector was trained on classes {ckpt['classes']}, the dataset has {dataset.classes}")
+    if dcfg.svd:
+        model = copy.deepcopy(model)
+        model.apply_svd(dcfg.svd_fc6_rank, dcfg.svd_fc7_rank)
+        log.info("fc6/fc7 replaced by truncated SVD (ranks %d / %d)", dcfg.svd_fc6_rank, dcfg.svd_fc7_rank)
+    model.eval()
+    store = ProposalStore.open(store) if isinstance(store, (str, Path)) else store
+    store.check(dataset.name, dataset.split)
+    out_dir = Path(out_dir)
+    max_top = tops[-1]
+
+    data = _TestImages(dataset, store, max_top, dcfg.test_scale, dcfg.max_size, model.mean, model.std)
+    loader = DataLoader(data, batch_size=1, shuffle=False, num_workers=min(dcfg.workers, len(data)),
+                        collate_fn=_first, worker_init_fn=_worker_init if dcfg.workers else None)
+    per_top = {n: {} for n in tops}  # N -> {image_id: (boxes, scores, labels)}
+    n_props = {n: 0 for n in tops}
+    timing = {"trunk": 0.0, "head": 0.0, "post": 0.0}
+    stds = tuple(dcfg.bbox_stds)
+    t_start = time.time()
+    empty = 0
+    for item in tqdm(loader, total=len(data), desc="test fast-rcnn", unit="img", disable=not progress):
+        props = item["proposals"]
+        if props.shape[0] == 0:
+            empty += 1
+        scores, boxes, t = detect_image(model, item["image"], props, item["scale"], item["height"], item["width"],
+                                        stds)
+        t0 = time.perf_counter()
+        for n in tops:
+            b, s, lab = postprocess(scores[:n], boxes[:n], dcfg.score_thresh, dcfg.test_nms, dcfg.max_dets)
+            per_top[n][item["image_id"]] = (b.numpy(), s.numpy(), lab.numpy())
+            n_props[n] += min(n, props.shape[0])
+        timing["trunk"] += t["trunk"]
+        timing["head"] += t["head"]
+        timing["post"] += time.perf_counter() - t0
+    wall = time.time() - t_start
+    if empty:
+        log.warning("%d images have no proposals (no detections for them)", empty)
+    n_img = max(1, len(data))
+    log.info("tested %d images in %.1f s (%.3f s/img: trunk %.3f, head %.3f, post %.3f)", len(data), wall,
+             wall / n_img, timing["trunk"] / n_img, timing["head"] / n_img, timing["post"] / n_img)
+
+    present = present_classes(dataset)
+    results = {}
+    for n in tops:
+        dets = voc_eval.detections_by_class(per_top[n], dataset.classes)
+        d = out_dir / f"top{n}"
+        voc_eval.write_results(d, dataset.split, dets, dataset.classes)
+        write_json(d / "detections.json", _coco_style(per_top[n], dataset.classes))
+        ev = voc_eval.evaluate_detections(dataset, dets, dataset.classes)
+        m = float(np.mean([ev["ap"][c] for c in present])) if present else float("nan")
+        res = {"mAP": m, "ap": ev["ap"], "mAP_all": ev["mAP"], "classes_evaluated": present,
+               "num_images": len(data), "avg_proposals": n_props[n] / n_img,
+               "num_detections": int(sum(len(v[1]) for v in per_top[n].values()))}
+        write_json(d / "metrics.json", res, indent=1)
+        results[n] = res
+        log.info("top %d proposals: mAP %.4f over %d classes\n%s", n, m, len(present),
+                 voc_eval.format_table({"mAP": m, "ap": {c: ev["ap"][c] for c in present}}))
+    write_json(out_dir / "results.json", {
+        "split": dataset.split, "dataset": dataset.name, "proposals": str(getattr(store, "path", "")),
+        "mAP": {str(n): results[n]["mAP"] for n in tops},
+        "timing_s_per_image": {k: v / n_img for k, v in timing.items()}, "wall_s": wall,
+        "per_top": {str(n): results[n] for n in tops}}, indent=1)
+    return results
+
+
+def _coco_style(per_image: dict, classes) -> list[dict]:
+    out = []
+    for iid, (b, s, lab) in per_image.items():
+        for box, score, c in zip(b.tolist(), s.tolist(), lab.tolist()):
+            out.append({"image_id": iid, "category_id": int(c) + 1, "category": classes[int(c)],
+                        "bbox": [round(box[0], 2), round(box[1], 2), round(box[2] - box[0], 2),
+                                 round(box[3] - box[1], 2)], "score": round(float(score), 6)})
+    return out
+
+
+def _worker_init(_):
+    import cv2
+
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+test_detector.__test__ = False  # not a pytest test, despite the name

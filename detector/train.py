@@ -1,0 +1,410 @@
+"""Fast R-CNN training loop (Girshick, ICCV 2015, Sec. 2.3; fast-rcnn ``tools/train_net.py`` + ``lib/roi_data_layer``).
+
+Minibatches: ``ims_per_batch`` images x ``batch_rois / ims_per_batch`` RoIs (2 x 64), RoIs drawn by
+:func:`detector.sampling.sample_rois` (25% fg at IoU >= 0.5, bg in [0.1, 0.5), gt boxes added). Horizontal flips as
+in the official code: the image list is duplicated with flipped copies (``imdb.append_flipped_images``) and the
+doubled list is shuffled each epoch; image, gt boxes AND proposals of a flipped entry are mirrored together.
+One training scale per image drawn from ``scales`` (shorter side, longer side at most ``max_size``).
+
+Loss (paper eq. 1): softmax log loss over all sampled RoIs (mean) + smooth L1 (beta 1) on the class-specific deltas
+of the foreground RoIs, summed and divided by the number of RoIs in the minibatch (fast-rcnn SmoothL1Loss layer).
+Targets are normalised with fixed stds (0.1, 0.1, 0.2, 0.2) (see detector/sampling.py).
+
+SGD with momentum, weight decay on weights only, biases at 2x lr (fast-rcnn prototxt ``lr_mult: 2, decay_mult: 0``);
+lr x gamma at each of ``lr_steps``.
+
+Determinism / exact resume: the data stream is a pure function of (seed, position): the position ``p`` of an
+entry in the infinite stream fixes its epoch (a permutation seeded by (seed, epoch)) and its own random generator
+(scale choice, RoI sampling) seeded by (seed, p). So workers, their number, and a restart do not change the data, and
+a checkpoint only needs the iteration, the model, optimizer and scheduler states, and the RNG states of the main
+process (dropout).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from core.config import Config, save_config, section_hash, to_dict
+from core.errors import CheckpointError, ConfigError, DataError
+from core.images import load_image
+from core.io import atomic_torch_save, load_checkpoint, write_json
+
+from .model import FastRCNN, build_detector
+from .sampling import sample_rois
+from .transforms import compute_scale, flip_boxes, flip_image, pad_batch, resize_image, to_tensor
+
+log = logging.getLogger(__name__)
+
+CKPT_RE = re.compile(r"^ckpt_(\d+)\.pt$")
+# Config keys that may change between a checkpoint and its resumption (schedule length, bookkeeping).
+RESUMABLE_KEYS = ("iters", "checkpoint_every", "log_every", "workers")
+
+
+# ------------------------------------------------------------------------------------------------------- data
+def _seed_of(*parts: int) -> int:
+    """A 63-bit seed from integers (numpy SeedSequence mixes them well)."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def prepare_sample(image: np.ndarray, gt_boxes: np.ndarray, gt_labels: np.ndarray, proposals: np.ndarray,
+                   flipped: bool, target_size: int, dcfg, mean, std, generator: torch.Generator) -> dict:
+    """One training entry: flip (image, gt, proposals together), sample RoIs in image coordinates, rescale.
+
+    Returns image (3,H',W') normalised tensor, rois (R,4) in rescaled pixels, labels (R,), targets (R,4)."""
+    h, w = image.shape[:2]
+    gt_boxes = np.asarray(gt_boxes, np.float32).reshape(-1, 4)
+    proposals = np.asarray(proposals, np.float32).reshape(-1, 4)
+    # degenerate proposals cannot be regressed from (zero width/height)
+    proposals = proposals[(proposals[:, 2] > proposals[:, 0]) & (proposals[:, 3] > proposals[:, 1])]
+    if flipped:
+        image = flip_image(image)
+        gt_boxes = flip_boxes(gt_boxes, w)
+        proposals = flip_boxes(proposals, w)
+    n_rois = dcfg.batch_rois // dcfg.ims_per_batch
+    s = sample_rois(torch.from_numpy(proposals), torch.from_numpy(gt_boxes), torch.as_tensor(gt_labels),
+                    n_rois, dcfg.fg_fraction, dcfg.fg_thresh, dcfg.bg_thresh_hi, dcfg.bg_thresh_lo,
+                    generator=generator, stds=tuple(dcfg.bbox_stds))
+    scale = compute_scale(h, w, target_size, dcfg.max_size)
+    img = to_tensor(resize_image(image, scale), mean, std)
+    return {"image": img, "rois": s.rois * scale, "labels": s.labels, "targets": s.targets,
+            "num_fg": s.num_fg, "scale": scale, "flipped": flipped}
+
+
+class TrainEntries:
+    """The training images (records with usable gt) of a dataset."""
+
+    def __init__(self, dataset, use_difficult: bool = False):
+        self.items = []
+        skipped = 0
+        for rec in dataset:
+            keep = np.ones(len(rec.boxes), bool) if use_difficult else ~np.asarray(rec.difficult, bool)
+            if not keep.any():
+                skipped += 1
+                continue
+            self.items.append((rec.image_id, rec.path, np.asarray(rec.boxes, np.float32)[keep],
+                               np.asarray(rec.labels, np.int64)[keep]))
+        if skipped:
+            log.info("skipping %d of %d training images without (non-difficult) ground-truth objects",
+                     skipped, len(dataset))
+        if not self.items:
+            raise DataError(f"{getattr(dataset, 'name', 'dataset')} split '{getattr(dataset, 'split', '?')}': "
+                            "no training image has a (non-difficult) ground-truth object")
+        self.skipped = skipped
+
+    def __len__(self):
+        return len(self.items)
+
+
+class TrainStream(Dataset):
+    """Map-style dataset over stream positions (see the module docstring): item ``p`` -> prepared sample."""
+
+    def __init__(self, entries: TrainEntries, store, top: int | None, dcfg, mean, std, seed: int):
+        self.entries = entries.items
+        self._store_arg = store
+        self._store = None if isinstance(store, (str, Path)) else store
+        self.top = top if top else None
+        self.dcfg = dcfg
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.seed = int(seed)
+        self.per_epoch = len(self.entries) * (2 if dcfg.flip else 1)
+        self._perm_cache: tuple[int, np.ndarray] | None = None
+
+    @property
+    def store(self):
+        if self._store is None:  # opened lazily in each worker
+            from core.store import ProposalStore
+
+            self._store = ProposalStore.open(self._store_arg)
+        return self._store
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        if isinstance(self._store_arg, (str, Path)):
+            d["_store"] = None
+        d["_perm_cache"] = None
+        return d
+
+    def __len__(self):  # positions are unbounded; the sampler decides which ones are read
+        return 2**62
+
+    def entry_at(self, pos: int) -> tuple[int, bool]:
+        """(image index, flipped) of stream position ``pos``."""
+        epoch, k = divmod(int(pos), self.per_epoch)
+        if self._perm_cache is None or self._perm_cache[0] != epoch:
+            rng = np.random.default_rng(_seed_of(self.seed, 7919, epoch))
+            self._perm_cache = (epoch, rng.permutation(self.per_epoch))
+        e = int(self._perm_cache[1][k])
+        n = len(self.entries)
+        return e % n, e >= n
+
+    def __getitem__(self, pos: int) -> dict:
+        idx, flipped = self.entry_at(pos)
+        image_id, path, gt_boxes, gt_labels = self.entries[idx]
+        gen = torch.Generator().manual_seed(_seed_of(self.seed, 104729, pos))
+        scales = self.dcfg.scales
+        target = scales[int(torch.randint(len(scales), (1,), generator=gen))] if len(scales) > 1 else scales[0]
+        image = load_image(path)
+        props = self.store.get(image_id, top=self.top, masks=False).boxes
+        out = prepare_sample(image, gt_boxes, gt_labels, props, flipped, target, self.dcfg, self.mean, self.std,
+                             gen)
+        out["image_id"] = image_id
+        out["pos"] = int(pos)
+        return out
+
+
+class PositionSampler(Sampler):
+    """Yields stream positions ``start .. stop-1`` in order."""
+
+    def __init__(self, start: int, stop: int):
+        self.start, self.stop = int(start), int(stop)
+
+    def __iter__(self):
+        return iter(range(self.start, self.stop))
+
+    def __len__(self):
+        return self.stop - self.start
+
+
+def collate(samples: list[dict]) -> dict:
+    images = pad_batch([s["image"] for s in samples])
+    rois = torch.cat([torch.cat([torch.full((len(s["rois"]), 1), float(i)), s["rois"]], 1)
+                      for i, s in enumerate(samples)])
+    return {"images": images, "rois": rois, "labels": torch.cat([s["labels"] for s in samples]),
+            "targets": torch.cat([s["targets"] for s in samples]),
+            "num_fg": sum(s["num_fg"] for s in samples), "image_ids": [s["image_id"] for s in samples],
+            "pos": [s["pos"] for s in samples]}
+
+
+def _worker_init(_):
+    import cv2
+
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+# ------------------------------------------------------------------------------------------------------- loss
+def detection_loss(cls_logits, bbox_deltas, labels, targets) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax log loss (mean over RoIs) and smooth L1 (beta 1) over the fg RoIs' class-specific deltas, summed and
+    divided by the RoI count (paper eq. 1-3; fast-rcnn SmoothL1Loss normalised by the minibatch size)."""
+    n = max(1, labels.numel())
+    loss_cls = F.cross_entropy(cls_logits, labels) if labels.numel() else cls_logits.sum() * 0
+    fg = torch.nonzero(labels > 0).flatten()
+    if fg.numel():
+        deltas = bbox_deltas.view(bbox_deltas.shape[0], -1, 4)[fg, labels[fg]]
+        loss_box = F.smooth_l1_loss(deltas, targets[fg], beta=1.0, reduction="sum") / n
+    else:
+        loss_box = bbox_deltas.sum() * 0
+    return loss_cls, loss_box
+
+
+def build_optimizer(model: torch.nn.Module, dcfg) -> torch.optim.Optimizer:
+    """SGD; biases get ``bias_lr_factor`` x lr and ``bias_weight_decay`` (fast-rcnn: lr_mult 2, decay_mult 0)."""
+    weights, biases = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (biases if name.endswith(".bias") else weights).append(p)
+    groups = [{"params": weights, "lr": dcfg.lr, "weight_decay": dcfg.weight_decay},
+              {"params": biases, "lr": dcfg.lr * dcfg.bias_lr_factor, "weight_decay": dcfg.bias_weight_decay}]
+    return torch.optim.SGD(groups, lr=dcfg.lr, momentum=dcfg.momentum)
+
+
+# ------------------------------------------------------------------------------------------------------- checkpoints
+def _rng_state() -> dict:
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _identity(cfg: Config, store_path: str, top: int | None, classes) -> dict:
+    """What must match between a checkpoint and the run resuming it."""
+    det = {k: v for k, v in to_dict(cfg.detector).items() if k not in RESUMABLE_KEYS}
+    return {"detector": det, "seed": cfg.seed, "voc": str(Path(cfg.data.voc).resolve()) if cfg.data.voc else "",
+            "train_split": cfg.data.train_split, "proposals": str(Path(store_path).resolve()), "top": top,
+            "classes": list(classes)}
+
+
+def latest_checkpoint(out_dir) -> Path | None:
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in out_dir.iterdir() if (m := CKPT_RE.match(p.name))]
+    return max(found)[1] if found else None
+
+
+def load_detector(ckpt, device: str = "cpu") -> tuple[FastRCNN, dict]:
+    """Rebuild a trained detector from a checkpoint path or dict; returns (model in eval mode, checkpoint dict)."""
+    from core.config import from_dict
+
+    if not isinstance(ckpt, dict):
+        path = ckpt
+        ckpt = load_checkpoint(path)
+    else:
+        path = "<checkpoint>"
+    for k in ("model", "config", "classes"):
+        if k not in ckpt:
+            raise CheckpointError(f"{path}: not a Fast R-CNN checkpoint (missing '{k}')")
+    cfg = from_dict(ckpt["config"])
+    model = build_detector(cfg.detector, len(ckpt["classes"]), pretrained="")
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit the detector in its config ({str(e).splitlines()[0]})")
+    return model.to(device).eval(), ckpt
+
+
+# ------------------------------------------------------------------------------------------------------- loop
+def train_detector(cfg: Config, store, dataset, out_dir, top: int | None = None,
+                   stop_after: int | None = None, progress: bool = True) -> dict:
+    """Train Fast R-CNN on ``dataset`` with proposals from ``store`` (a ProposalStore path), writing checkpoints
+    ``ckpt_<iter>.pt`` every ``checkpoint_every`` iterations, ``history.json`` and ``final.pt`` into ``out_dir``.
+
+    Resumes exactly from the latest checkpoint in ``out_dir`` (same config apart from RESUMABLE_KEYS). ``top``:
+    proposals per image (default ``cfg.detector.train_top``; 0 = all). ``stop_after``: stop (with a checkpoint)
+    after this iteration, as if interrupted (tests). Returns {'final': path|None, 'iteration': int,
+    'losses': [per-iteration dicts of this call]}."""
+    dcfg = cfg.detector
+    out_dir = Path(out_dir)
+    top = dcfg.train_top if top is None else top
+    top = int(top) if top else None
+    if dcfg.ims_per_batch < 1 or dcfg.batch_rois < dcfg.ims_per_batch:
+        raise ConfigError("detector.batch_rois must be >= detector.ims_per_batch >= 1")
+    if not dcfg.scales:
+        raise ConfigError("detector.scales: at least one training scale is needed")
+    from core.store import ProposalStore
+
+    store_obj = ProposalStore.open(store) if isinstance(store, (str, Path)) else store
+    store_obj.check(dataset.name, dataset.split)
+    ident = _identity(cfg, str(getattr(store_obj, "path", store)), top, dataset.classes)
+
+    final = out_dir / "final.pt"
+    if final.is_file():
+        ck = load_checkpoint(final)
+        if ck.get("identity") == ident and ck.get("iteration") == dcfg.iters:
+            log.info("%s exists for this config; training skipped", final)
+            return {"final": str(final), "iteration": dcfg.iters, "losses": []}
+
+    device = torch.device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    random.seed(cfg.seed)
+    model = build_detector(dcfg, len(dataset.classes)).to(device)
+    optimizer = build_optimizer(model, dcfg)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(dcfg.lr_steps), gamma=dcfg.gamma)
+    start, history = 0, []
+
+    ckpt_path = latest_checkpoint(out_dir)
+    if ckpt_path is not None:
+        ck = load_checkpoint(ckpt_path)
+        if ck.get("identity") != ident:
+            old = ck.get("identity") or {}
+            diff = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k))
+            if "detector" in diff:
+                diff.remove("detector")
+                od, nd = old.get("detector", {}), ident["detector"]
+                diff += [f"detector.{k}" for k in sorted(set(od) | set(nd)) if od.get(k) != nd.get(k)]
+            raise CheckpointError(f"{ckpt_path}: checkpoint was trained with a different {', '.join(diff)}; "
+                                  f"use another --out (or delete {out_dir})")
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        start = int(ck["iteration"])
+        history = list(ck.get("history", []))
+        _set_rng_state(ck["rng"])
+        log.info("resumed from %s at iteration %d", ckpt_path, start)
+    save_config(cfg, out_dir / "config.yaml")
+
+    entries = TrainEntries(dataset, dcfg.use_difficult)
+    stream = TrainStream(entries, getattr(store_obj, "path", store), top, dcfg, model.mean, model.std, cfg.seed)
+    stop = dcfg.iters if stop_after is None else min(dcfg.iters, int(stop_after))
+    B = dcfg.ims_per_batch
+    log.info("training Fast R-CNN (%s) on %d images (%d entries/epoch with flips), iterations %d -> %d, "
+             "%d images x %d RoIs, top %s proposals", dcfg.trunk, len(entries), stream.per_epoch, start, stop, B,
+             dcfg.batch_rois // B, top or "all")
+
+    def save(it: int) -> Path:
+        p = out_dir / f"ckpt_{it}.pt"
+        atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                           "scheduler": scheduler.state_dict(), "iteration": it, "config": to_dict(cfg),
+                           "classes": list(dataset.classes), "identity": ident, "rng": _rng_state(),
+                           "history": history}, p)
+        write_json(out_dir / "history.json", history)
+        for old in out_dir.iterdir():  # keep only the newest checkpoint (VGG16 + momentum: ~1 GB each)
+            m = CKPT_RE.match(old.name)
+            if m and int(m.group(1)) < it:
+                old.unlink(missing_ok=True)
+        return p
+
+    losses = []
+    if start < stop:
+        loader = DataLoader(stream, batch_size=B, sampler=PositionSampler(start * B, stop * B), collate_fn=collate,
+                            num_workers=dcfg.workers, worker_init_fn=_worker_init if dcfg.workers else None,
+                            prefetch_factor=4 if dcfg.workers else None, persistent_workers=False,
+                            # own generator: creating the loader must not consume the global RNG (exact resume)
+                            generator=torch.Generator().manual_seed(cfg.seed))
+        model.train()
+        bar = tqdm(total=dcfg.iters, initial=start, desc="train fast-rcnn", unit="it", disable=not progress,
+                   dynamic_ncols=True)
+        it = start
+        t0, n_img = time.time(), 0
+        for batch in loader:
+            images = batch["images"].to(device, non_blocking=True)
+            rois = batch["rois"].to(device)
+            labels = batch["labels"].to(device)
+            targets = batch["targets"].to(device)
+            cls_logits, deltas = model(images, rois)
+            loss_cls, loss_box = detection_loss(cls_logits, deltas, labels, targets)
+            loss = loss_cls + loss_box
+            if not torch.isfinite(loss):
+                raise DataError(f"training diverged at iteration {it + 1} (loss {loss.item()}); images "
+                                f"{batch['image_ids']} (lower detector.lr)")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            it += 1
+            n_img += images.shape[0]
+            rec = {"iter": it, "loss": loss.item(), "loss_cls": loss_cls.item(), "loss_box": loss_box.item(),
+                   "num_rois": int(labels.numel()), "num_fg": int(batch["num_fg"]),
+                   "lr": optimizer.param_groups[0]["lr"]}
+            losses.append(rec)
+            if it % max(1, dcfg.log_every) == 0 or it == stop:
+                dt = time.time() - t0
+                rec = dict(rec, images_per_s=n_img / max(dt, 1e-9))
+                history.append(rec)
+                t0, n_img = time.time(), 0
+                log.debug("iter %d: %s", it, rec)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", cls=f"{rec['loss_cls']:.3f}", box=f"{rec['loss_box']:.3f}",
+                            ims=f"{history[-1]['images_per_s']:.1f}/s" if history else "-")
+            bar.update(1)
+            if it % max(1, dcfg.checkpoint_every) == 0 or it == stop:
+                save(it)
+        bar.close()
+        start = it
+
+    if start >= dcfg.iters:
+        atomic_torch_save({"model": model.state_dict(), "iteration": start, "config": to_dict(cfg),
+                           "classes": list(dataset.classes), "identity": ident, "history": history}, final)
+        write_json(out_dir / "history.json", history)
+        log.info("wrote %s", final)
+        return {"final": str(final), "iteration": start, "losses": losses}
+    return {"final": None, "iteration": start, "losses": losses}
