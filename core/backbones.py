@@ -22,12 +22,26 @@ Weights (``pretrained``):
 
 A missing or mismatched weight file raises :class:`core.errors.CheckpointError` naming the file (and the first
 mismatching key).
+
+=====================  ============  ==========================================  ==========================
+name                   out_channels  mean / std (RGB, input in [0, 1])          BatchNorm
+=====================  ============  ==========================================  ==========================
+small                  128           ImageNet (0.485, 0.456, 0.406)/(0.229, ...)  trainable (from scratch)
+vgg_a (VGG-A/vgg11)    512           ImageNet                                     none
+vgg16 (to conv5_3)     512           ImageNet; Caffe for IMAGENET1K_FEATURES      none
+efficientnet_lite0     112           (127/255,)*3 / (128/255,)*3 (TF Lite)        frozen when pretrained
+resnet50 (to conv4)    1024          ImageNet                                     frozen when pretrained
+=====================  ============  ==========================================  ==========================
+
+Output size: 'small', 'efficientnet_lite0' and 'resnet50' give ceil(H/16) x ceil(W/16); the VGG trunks (four
+floor max-pools) give floor(H/16) x floor(W/16). All give 14x14 for 224x224.
 """
 from __future__ import annotations
 
 import logging
 import math
 import os
+import pickle
 from pathlib import Path
 from typing import Callable
 
@@ -38,6 +52,7 @@ import torchvision
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from core.errors import CheckpointError, ConfigError
+from core.io import load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +128,9 @@ def _read_state_dict(path) -> dict:
         raise CheckpointError(f"{path}: weight file not found")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # a full training checkpoint of this project (config, numpy RNG state, ...): the project's loader
+        obj = load_checkpoint(path)
     except Exception as exc:  # corrupt / truncated / not a torch file
         raise CheckpointError(f"{path}: cannot read weight file ({type(exc).__name__}: {exc})") from None
     for key in ("model", "state_dict"):
@@ -407,10 +425,9 @@ class ResNet50C4Trunk(Trunk):
     (conv1, bn1, layer1..3), so torchvision state dicts load unchanged (layer4 / fc are ignored).
     Not implemented: the official code's mirror (reflection) padding."""
 
-    def __init__(self, frozen_bn: bool):
+    def __init__(self):
         super().__init__("resnet50", 1024)
-        norm = (lambda c: FrozenBatchNorm2d(c)) if frozen_bn else nn.BatchNorm2d
-        full = torchvision.models.resnet50(weights=None, norm_layer=norm)
+        full = torchvision.models.resnet50(weights=None)  # BN frozen afterwards by build_trunk (freeze_batchnorm)
         self.conv1, self.bn1, self.relu, self.maxpool = full.conv1, full.bn1, full.relu, full.maxpool
         self.layer1, self.layer2, self.layer3 = full.layer1, full.layer2, full.layer3
 
@@ -484,7 +501,7 @@ def build_trunk(name: str, pretrained: str = "", *, allow_download: bool = False
             sd = {k[len("trunk."):]: v for k, v in sd.items() if k.startswith("trunk.")}
             _load_into(trunk, sd, source)
     else:  # resnet50
-        trunk = ResNet50C4Trunk(frozen_bn=False)
+        trunk = ResNet50C4Trunk()
         if pretrained == "imagenet":
             sd, source = _imagenet_tv_state_dict(name, allow_download)
         elif pretrained:

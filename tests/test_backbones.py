@@ -97,8 +97,10 @@ def test_path_loading_and_mismatch(tmp_path):
     other = build_trunk("small", str(path))
     for k, v in trunk.state_dict().items():
         assert torch.equal(other.state_dict()[k], v)
-    # wrapped in a training checkpoint
-    torch.save({"model": trunk.state_dict(), "iteration": 3}, tmp_path / "ckpt.pth")
+    # wrapped in a training checkpoint of this project (numpy RNG state needs the full unpickler)
+    import numpy as np
+    torch.save({"model": trunk.state_dict(), "iteration": 3, "rng": {"numpy": np.random.get_state()}},
+               tmp_path / "ckpt.pth")
     build_trunk("small", str(tmp_path / "ckpt.pth"))
 
     missing = tmp_path / "nope.pth"
