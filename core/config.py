@@ -49,11 +49,12 @@ class DataConfig:
 class SSConfig:
     """SelectiveSearch, fast mode (Uijlings et al. IJCV 2013; R-CNN's selective_search_boxes.m)."""
 
-    backend: str = "skimage"  # skimage | opencv
-    mode: str = "fast"
-    seed: int = 0
-    min_box: int = 20
-    top_n: int = 2000
+    backend: str = "skimage"  # skimage (paper's ranking) | opencv (contrib; small regions first)
+    mode: str = "fast"  # fast (R-CNN/Fast R-CNN VOC07 proposals) | quality | single
+    seed: int = 0  # seeds the ranking's random numbers: same image + seed -> same ranked list
+    min_box: int = 20  # selective_search_boxes.m: boxes narrower or shorter than this are dropped
+    top_n: int = 2000  # Fast R-CNN used ~2000 SelectiveSearch boxes per image
+    workers: int = 1  # worker processes for proposal extraction (not part of the proposals' identity)
 
 
 @dataclass
