@@ -1,0 +1,103 @@
+"""Object proposals: DeepMask and SelectiveSearch behind one interface.
+
+A proposer is a callable `proposer(image HxWx3 uint8 RGB) -> (boxes (n,4) float32 xyxy 0-based, scores (n,) float32,
+masks: list[COCO RLE] | None)`, ranked best first, at most `top_n` proposals. `build_proposer(method, cfg,
+checkpoint)` makes one; `extract_proposals` runs one over a dataset into a `core.store.ProposalStore`.
+
+This module stays light (no torch / scikit-image at import): worker processes and `proposals.deepmask` import it.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from core.errors import ConfigError, UserError
+
+__all__ = ["METHODS", "build_proposer", "proposer_params", "method_has_masks", "rank_scores",
+           "SelectiveSearchProposer", "extract_proposals", "run_extraction", "export_coco_results"]
+
+METHODS = ("selective_search", "deepmask")
+
+
+def rank_scores(n: int, top_n: int) -> np.ndarray:
+    """Scores for a method that only ranks: `1 - rank / top_n` (rank 0 = best).
+
+    SelectiveSearch has no scores (reference NOTES: "a top-N cut must use its ranking explicitly"). These decrease
+    strictly with the rank, lie in (0, 1], and are the same for the same rank in every image, so sorting by score
+    (COCO AR with maxDets, the detector's top-N reads) reproduces the ranking exactly.
+    """
+    return (1.0 - np.arange(n, dtype=np.float64) / max(int(top_n), n, 1)).astype(np.float32)
+
+
+class SelectiveSearchProposer:
+    """`selective_search` with the `cfg.ss` settings, capped at `cfg.ss.top_n`, scores from `rank_scores`."""
+
+    has_masks = False
+
+    def __init__(self, ss):
+        from .selective_search import BACKENDS, MODES
+
+        if ss.backend not in BACKENDS:
+            raise ConfigError(f"config key 'ss.backend': unknown backend {ss.backend!r} (choose one of "
+                              f"{', '.join(BACKENDS)})")
+        if ss.mode not in MODES:
+            raise ConfigError(f"config key 'ss.mode': unknown mode {ss.mode!r} (choose one of {', '.join(MODES)})")
+        if ss.top_n < 1:
+            raise ConfigError(f"config key 'ss.top_n': must be >= 1, got {ss.top_n}")
+        if ss.min_box < 0:
+            raise ConfigError(f"config key 'ss.min_box': must be >= 0, got {ss.min_box}")
+        if ss.backend == "opencv":  # fail now, not on the first image in a worker
+            try:
+                import cv2
+
+                cv2.ximgproc.segmentation.createSelectiveSearchSegmentation  # noqa: B018
+            except (ImportError, AttributeError):
+                raise UserError("config key 'ss.backend' is 'opencv' but opencv-contrib (cv2.ximgproc) is not "
+                                "installed: pip install opencv-contrib-python-headless, or use 'skimage'") from None
+        self.ss = ss
+
+    def __call__(self, image: np.ndarray):
+        from .selective_search import selective_search
+
+        ss = self.ss
+        boxes = selective_search(image, mode=ss.mode, seed=ss.seed, min_box=ss.min_box, backend=ss.backend)
+        boxes = boxes[: ss.top_n]
+        return boxes, rank_scores(len(boxes), ss.top_n), None
+
+
+def build_proposer(method: str, cfg, checkpoint: str | None = None):
+    """A proposer for `method` ('selective_search' | 'deepmask') built from the config `cfg`."""
+    if method == "selective_search":
+        return SelectiveSearchProposer(cfg.ss)
+    elif method == "deepmask":
+        if not checkpoint:
+            raise UserError("method 'deepmask' needs a trained checkpoint (--checkpoint PATH)")
+        from .deepmask.infer import build_deepmask_proposer
+
+        return build_deepmask_proposer(cfg, checkpoint)
+    raise UserError(f"unknown proposal method {method!r} (choose one of {', '.join(METHODS)})")
+
+
+def method_has_masks(method: str) -> bool:
+    return method == "deepmask"
+
+
+def proposer_params(method: str, cfg, checkpoint: str | None = None) -> dict:
+    """What identifies a method's proposals (stored in the store's meta; a different value is a different store).
+
+    Settings that do not change the proposals (number of workers) are left out, so a resumed run may use others.
+    """
+    if method == "selective_search":
+        ss = dataclasses.asdict(cfg.ss)
+        ss.pop("workers", None)
+        return {"ss": ss}
+    if method == "deepmask":
+        dm = dataclasses.asdict(cfg.deepmask)
+        for k in ("workers",):
+            dm.pop(k, None)
+        return {"deepmask": dm, "checkpoint": str(checkpoint)}
+    raise UserError(f"unknown proposal method {method!r} (choose one of {', '.join(METHODS)})")
+
+
+from .extract import export_coco_results, extract_proposals, run_extraction  # noqa: E402

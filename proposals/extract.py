@@ -1,0 +1,194 @@
+"""Proposal extraction over a dataset into a `ProposalStore`, in parallel worker processes, resumable.
+
+Each worker process builds its proposer once (model weights, OpenCV objects) and then only receives image paths;
+the parent process is the only writer of the store (one atomic file per image), so an interrupted or failed run
+keeps every finished image and the next run computes only the missing ones.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import functools
+import logging
+import multiprocessing
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from core.errors import DataError, ImageError, UserError
+
+log = logging.getLogger(__name__)
+
+_PROPOSER = None  # the worker process's proposer, built once by _init_worker
+
+
+def _limit_threads() -> None:
+    """One thread per worker process: the processes are the parallelism."""
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+    if "cv2" in sys.modules:
+        sys.modules["cv2"].setNumThreads(1)
+
+
+def _init_worker(factory) -> None:
+    global _PROPOSER
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = "1"
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:  # torch is only needed by DeepMask
+        pass
+    _PROPOSER = factory()
+    _limit_threads()
+
+
+def _propose_one(proposer, image_id: str, path: str, top: int | None):
+    """(image_id, boxes, scores, masks, error message or None); user errors come back as messages."""
+    from core.images import load_image
+
+    try:
+        image = load_image(path)
+        boxes, scores, masks = proposer(image)
+    except UserError as e:
+        return image_id, None, None, None, str(e)
+    if top is not None:
+        boxes, scores = boxes[:top], scores[:top]
+        masks = masks[:top] if masks is not None else None
+    return image_id, np.asarray(boxes, np.float32), np.asarray(scores, np.float32), masks, None
+
+
+def _work(item):
+    image_id, path, top = item
+    return _propose_one(_PROPOSER, image_id, path, top)
+
+
+def run_extraction(dataset, proposer_factory, store, *, workers: int = 1, top: int | None = None,
+                   progress: bool = True) -> dict:
+    """Compute the proposals of every image of `store` that has none yet; returns counts and timing.
+
+    proposer_factory: a picklable zero-argument callable returning a proposer (built once per worker process).
+    A missing/corrupt image (or a broken annotation needed to find it) does not stop the others: it is logged,
+    and after the loop a `ImageError`/`DataError` names the first failing file; finished images stay in the store.
+    """
+    todo = [i for i in store.image_ids if not store.done(i)]
+    n_total = len(store.image_ids)
+    if not todo:
+        log.info("%s: all %d images already have proposals", store.path, n_total)
+        return {"computed": 0, "skipped": n_total, "failed": 0, "seconds": 0.0}
+    log.info("%s: %d of %d images to compute (%d already done), %d worker(s)", store.path, len(todo), n_total,
+             n_total - len(todo), workers)
+    failures: list[tuple[str, str, type]] = []
+    items = []
+    for i in todo:
+        try:
+            items.append((i, dataset.get(i).path, top))
+        except DataError as e:
+            failures.append((i, str(e), type(e)))
+    bar = tqdm(total=n_total, initial=n_total - len(todo), unit="img", desc="proposals", disable=not progress,
+               dynamic_ncols=True, smoothing=0.1)
+    t0 = time.perf_counter()
+    computed = 0
+
+    def handle(result):
+        nonlocal computed
+        image_id, boxes, scores, masks, err = result
+        if err is not None:
+            failures.append((image_id, err, ImageError))
+            log.error("image %s: %s", image_id, err)
+        else:
+            store.put(image_id, boxes, scores, masks)
+            computed += 1
+        bar.update(1)
+        bar.set_postfix_str(f"{computed / max(time.perf_counter() - t0, 1e-9):.2f} images/s", refresh=False)
+
+    try:
+        if workers <= 1 or len(items) <= 1:
+            proposer = proposer_factory()
+            for image_id, path, tp in items:
+                handle(_propose_one(proposer, image_id, path, tp))
+        else:
+            ctx = multiprocessing.get_context("spawn")  # no fork of a parent that may hold torch/OpenMP threads
+            with cf.ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=ctx,
+                                        initializer=_init_worker, initargs=(proposer_factory,)) as pool:
+                pending: set = set()
+                it = iter(items)
+                try:
+                    for item in it:  # keep at most 2 images per worker in flight
+                        pending.add(pool.submit(_work, item))
+                        if len(pending) >= 2 * workers:
+                            done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                            for f in done:
+                                handle(f.result())
+                    for f in cf.as_completed(pending):
+                        handle(f.result())
+                except BaseException:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
+    finally:
+        bar.close()
+    secs = time.perf_counter() - t0
+    log.info("%s: computed %d images in %.1f s (%.2f images/s)", store.path, computed, secs,
+             computed / max(secs, 1e-9))
+    if failures:
+        image_id, msg, kind = failures[0]
+        more = f" (and {len(failures) - 1} more images failed; see the log)" if len(failures) > 1 else ""
+        cls = kind if issubclass(kind, UserError) else ImageError
+        raise cls(f"{msg}{more}; the {computed + n_total - len(todo)} finished images are kept in {store.path}, "
+                  "rerun to resume")
+    return {"computed": computed, "skipped": n_total - len(todo), "failed": 0, "seconds": secs}
+
+
+def extract_proposals(cfg, method: str, dataset, out, *, checkpoint: str | None = None, workers: int = 1,
+                      image_ids: list[str] | None = None, progress: bool = True):
+    """Proposals of `method` for `dataset` (or its `image_ids`) into the store at `out`; resumes; returns the store.
+
+    The store is identified by (method, `proposer_params`, dataset, split, image ids): rerunning with the same
+    ones resumes, other ones are an error naming the store. The resolved config is written to `out/config.yaml`.
+    """
+    from core.config import save_config
+    from core.store import ProposalStore
+
+    from . import build_proposer, method_has_masks, proposer_params
+
+    ids = list(dataset.image_ids if image_ids is None else image_ids)
+    if not ids:
+        raise DataError("no images to compute proposals for")
+    proposer_factory = functools.partial(build_proposer, method, cfg, checkpoint)
+    if workers > 1:  # check the settings once here, before starting workers
+        proposer_factory()
+    store = ProposalStore.create(out, method=method, params=proposer_params(method, cfg, checkpoint),
+                                 dataset=dataset.name, split=dataset.split, image_ids=ids,
+                                 has_masks=method_has_masks(method))
+    save_config(cfg, Path(out) / "config.yaml")
+    run_extraction(dataset, proposer_factory, store, workers=workers, progress=progress)
+    store.finalize()
+    return store
+
+
+def export_coco_results(store, path, top: int | None = None) -> int:
+    """Write the store as a COCO results json: a list of {image_id, bbox [x,y,w,h], score[, segmentation]}.
+
+    image_id is the int id for a COCO dataset and the string id (file stem) for VOC. Returns the number of entries.
+    """
+    from core.io import write_json
+
+    coco = str(store.meta.get("dataset", "")).startswith("coco:")
+    out = []
+    for image_id in store.image_ids:
+        p = store.get(image_id, top=top)
+        iid = int(image_id) if coco else image_id
+        xywh = np.concatenate([p.boxes[:, :2], p.boxes[:, 2:] - p.boxes[:, :2]], axis=1).round(2).tolist()
+        scores = p.scores.astype(np.float64).round(6).tolist()
+        for k in range(len(p.boxes)):
+            d = {"image_id": iid, "bbox": xywh[k], "score": scores[k]}
+            if p.masks is not None:
+                d["segmentation"] = p.masks[k]
+            out.append(d)
+    write_json(path, out)
+    log.info("wrote %d proposals of %d images to %s", len(out), len(store.image_ids), path)
+    return len(out)
