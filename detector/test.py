@@ -209,13 +209,22 @@ def test_detector(model_or_ckpt, store, dataset, tops: list[int], out_dir, cfg=N
              wall / n_img, timing["trunk"] / n_img, timing["head"] / n_img, timing["post"] / n_img)
 
     present = present_classes(dataset)
+    absent = [c for c in dataset.classes if c not in present]
+    if absent:
+        log.info("%d classes have no ground truth in split '%s' (AP 0, left out of 'mAP'): %s", len(absent),
+                 dataset.split, ", ".join(absent))
+    quiet = _DropAbsentClassWarnings()
     results = {}
     for n in tops:
         dets = voc_eval.detections_by_class(per_top[n], dataset.classes)
         d = out_dir / f"top{n}"
         voc_eval.write_results(d, dataset.split, dets, dataset.classes)
         write_json(d / "detections.json", _coco_style(per_top[n], dataset.classes))
-        ev = voc_eval.evaluate_detections(dataset, dets, dataset.classes)
+        logging.getLogger(voc_eval.__name__).addFilter(quiet)
+        try:
+            ev = voc_eval.evaluate_detections(dataset, dets, dataset.classes)
+        finally:
+            logging.getLogger(voc_eval.__name__).removeFilter(quiet)
         m = float(np.mean([ev["ap"][c] for c in present])) if present else float("nan")
         res = {"mAP": m, "ap": ev["ap"], "mAP_all": ev["mAP"], "classes_evaluated": present,
                "num_images": len(data), "avg_proposals": n_props[n] / n_img,
@@ -230,6 +239,13 @@ def test_detector(model_or_ckpt, store, dataset, tops: list[int], out_dir, cfg=N
         "timing_s_per_image": {k: v / n_img for k, v in timing.items()}, "wall_s": wall,
         "per_top": {str(n): results[n] for n in tops}}, indent=1)
     return results
+
+
+class _DropAbsentClassWarnings(logging.Filter):
+    """voc_eval warns once per class without ground truth per call; we say it once above instead."""
+
+    def filter(self, record):
+        return "has no non-difficult ground truth" not in record.getMessage()
 
 
 def _coco_style(per_image: dict, classes) -> list[dict]:

@@ -47,7 +47,10 @@ def to_tensor(image: np.ndarray, mean, std) -> torch.Tensor:
 
     The official code subtracts Caffe's BGR pixel means; torchvision / efficientnet weights expect RGB mean/std,
     so we use whatever the trunk says (NOTES.md: use what matches the weights you load)."""
-    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    image = np.ascontiguousarray(image)
+    if not image.flags.writeable:
+        image = image.copy()
+    t = torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0)
     m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return t.sub_(m).div_(s)

@@ -1,0 +1,71 @@
+"""Test a trained Fast R-CNN: detections for every image with the top N proposals, VOC07 mAP, devkit files.
+
+    python -m pipelines.test_detector --checkpoint CKPT --proposals STORE --top 10,100,500,2000 \
+        [--voc DIR] [--split SPLIT] --out RESDIR [--set detector.svd=true ...]
+
+One pass over the images serves every N of --top (trunk once per image, RoI head once on the largest N).
+Writes RESDIR/top<N>/comp4_det_<split>_<class>.txt, detections.json (COCO-style), metrics.json, and
+RESDIR/results.json. --set overrides the checkpoint's config (test fields: detector.test_scale, max_size,
+score_thresh, test_nms, max_dets, svd, svd_fc6_rank, svd_fc7_rank, workers; device).
+
+The last line of stdout is one JSON object:
+    {"mAP": {"<N>": float, ...}, "mAP_all": {"<N>": float, ...}, "ap": {"<N>": {"<class>": float}}, "out": RESDIR}
+"mAP" averages AP over the classes with ground truth in the split; "mAP_all" over all classes of the dataset.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from core.cli import run_main
+from core.errors import ConfigError
+
+
+def parse_tops(text: str) -> list[int]:
+    try:
+        tops = [int(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        raise ConfigError(f"--top '{text}': expected comma-separated positive integers, e.g. 100,500,2000") from None
+    if not tops or any(t <= 0 for t in tops):
+        raise ConfigError(f"--top '{text}': expected comma-separated positive integers, e.g. 100,500,2000")
+    return tops
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipelines.test_detector", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="final.pt (or ckpt_<iter>.pt) of train_detector")
+    p.add_argument("--proposals", required=True, help="proposal store of the test split")
+    p.add_argument("--top", required=True, help="proposal counts, comma-separated (e.g. 100,500,2000)")
+    p.add_argument("--voc", default=None, help="VOCdevkit VOC2007 folder (default: the checkpoint's data.voc)")
+    p.add_argument("--split", default=None, help="test split (default: the checkpoint's data.test_split)")
+    p.add_argument("--out", required=True, help="results folder")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value of the checkpoint's config, e.g. --set detector.svd=true (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    tops = parse_tops(args.top)
+
+    from core.config import apply_overrides, from_dict
+    from core.datasets import VOCDataset
+    from core.io import load_checkpoint
+    from detector.test import test_detector
+
+    ckpt = load_checkpoint(args.checkpoint)
+    if "config" not in ckpt:
+        from core.errors import CheckpointError
+
+        raise CheckpointError(f"{args.checkpoint}: not a Fast R-CNN checkpoint (no 'config')")
+    cfg = from_dict(apply_overrides(ckpt["config"], args.overrides))
+    voc = args.voc or cfg.data.voc
+    if not voc:
+        raise ConfigError("--voc: no dataset given and the checkpoint's config has no data.voc")
+    dataset = VOCDataset(voc, args.split or cfg.data.test_split)
+    res = test_detector(ckpt, args.proposals, dataset, tops, args.out, cfg=cfg, progress=not args.no_progress)
+    print(json.dumps({"mAP": {str(n): r["mAP"] for n, r in res.items()},
+                      "mAP_all": {str(n): r["mAP_all"] for n, r in res.items()},
+                      "ap": {str(n): r["ap"] for n, r in res.items()}, "out": args.out}))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
