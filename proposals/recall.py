@@ -1,0 +1,390 @@
+"""Proposal recall (AR) as DeepMask's official evaluation computes it: the COCO API with ``useCats = 0``.
+
+DeepMask (paper Sec. 4.1, "Metrics"; official code's README and its PyTorch port's ``evalPerImage.py``) scores
+class-agnostic proposals with pycocotools' ``COCOeval``: ``params.useCats = 0`` (categories ignored: every
+proposal may hit every object; forgetting it gives near-zero results), IoU thresholds .50:.05:.95, ``maxDets``
+= the proposal counts, ``iouType`` 'bbox' or 'segm'. AR@n is the recall averaged over the 10 IoU thresholds with
+the top n proposals of each image (by score), over all objects of the data set, and AR_S/M/L restrict the objects
+to COCO's area ranges (small < 32^2, medium 32^2..96^2, large > 96^2). AUC is the paper's "AR averaged across
+all proposal counts": the area under AR versus the number of proposals on a log axis, normalised by the axis
+length, computed with the trapezoid rule on a log-spaced grid of counts (`auc_grid`, 1..1000 by default).
+
+Matching is pycocotools' own (``COCOeval.evaluate``: per image, proposals in score order take the best free
+object at each IoU threshold). Recall is then read from its per-image results: the greedy matching of the top n
+proposals is the prefix of the matching of the top N >= n, so one evaluation at the largest count gives the
+recall at every count (identical to ``COCOeval.accumulate``'s ``recall[t, k, a, m]``, which the tests check)
+without accumulate's per-count Python loop over all detections.
+
+VOC ground truth (no masks: 'bbox' only) becomes an in-memory COCO object. Difficult objects are marked
+``iscrowd = 1``: COCOeval's only way to ignore a ground-truth object (its ``_prepare`` sets ``ignore`` from
+``iscrowd``). An ignored object is not in the recall denominator, a proposal matched to it is not counted, and
+matching tries the non-ignored objects first (it stops at ignored ones once a proposal has a regular match), so
+the recall of the other objects is exactly what it would be without the difficult ones -- the devkit's "neither
+hit nor miss". (A crowd region's IoU is intersection over the proposal's area, which only decides whether an
+otherwise unmatched proposal is ignored: no effect on recall.)
+
+Image ids: ours are strings (VOC file stems, COCO ``str(int)``); results may carry either our string ids or, for
+COCO ground truth, the integer ids. They are mapped to the COCO object's integer ids here.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import math
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from core.errors import DataError
+
+log = logging.getLogger(__name__)
+
+IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)  # COCO's .50:.05:.95
+AREA_RANGES = {  # COCOeval Params.setDetParams areaRng / areaRngLbl
+    "all": (0.0, 1e5 ** 2),
+    "small": (0.0, 32.0 ** 2),
+    "medium": (32.0 ** 2, 96.0 ** 2),
+    "large": (96.0 ** 2, 1e5 ** 2),
+}
+DEFAULT_COUNTS = (10, 100, 1000)  # paper Tables 1-2: AR@10, AR@100, AR@1000
+
+
+def auc_grid(max_count: int = 1000, per_decade: int = 10) -> np.ndarray:
+    """Log-spaced integer proposal counts 1..max_count (10 per decade: 1, 2, 3, 4, 5, 6, 8, 10, 13, 16, ...)."""
+    if max_count < 1:
+        raise ValueError("max_count must be >= 1")
+    k = max(1, int(round(per_decade * math.log10(max_count))))
+    g = np.unique(np.round(np.logspace(0.0, math.log10(max_count), k + 1)).astype(np.int64))
+    return g[(g >= 1) & (g <= max_count)]
+
+
+def log_auc(counts: Sequence[int], values: Sequence[float]) -> float:
+    """Area under values(counts) with a log x axis, divided by the axis length (= mean on a log scale)."""
+    x = np.log(np.asarray(counts, dtype=np.float64))
+    y = np.asarray(values, dtype=np.float64)
+    if len(x) == 1:
+        return float(y[0])
+    return float(np.trapezoid(y, x) / (x[-1] - x[0])) if hasattr(np, "trapezoid") else \
+        float(np.trapz(y, x) / (x[-1] - x[0]))
+
+
+# --------------------------------------------------------------------------------------------- ground truth
+
+
+@dataclass
+class RecallGT:
+    """Ground truth for recall: a pycocotools COCO object plus the map from our image ids to its int ids."""
+
+    coco: object  # pycocotools.coco.COCO
+    id_map: dict  # our image id (str) -> COCO int image id
+    has_masks: bool
+    name: str = ""
+
+    def coco_id(self, image_id) -> int:
+        key = image_id if isinstance(image_id, str) else str(image_id)
+        try:
+            return self.id_map[key]
+        except KeyError:
+            raise DataError(f"results name image id {image_id!r}, which is not in the ground truth "
+                            f"{self.name}") from None
+
+
+def _quiet_coco(dataset: dict):
+    from pycocotools.coco import COCO
+
+    c = COCO()
+    c.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        c.createIndex()
+    return c
+
+
+def gt_from_coco(ann_file) -> RecallGT:
+    """A COCO instances json as is (crowd objects are ignored by COCOeval, as in the official evaluation)."""
+    from core.datasets import load_coco
+
+    coco = load_coco(ann_file)
+    ids = coco.getImgIds()
+    if not ids:
+        raise DataError(f"{ann_file}: no images")
+    has_masks = bool(coco.anns) and all("segmentation" in a for a in coco.anns.values())
+    return RecallGT(coco, {str(i): int(i) for i in ids}, has_masks, str(ann_file))
+
+
+def gt_from_records(records: Iterable, classes: Sequence[str] | None = None, name: str = "") -> RecallGT:
+    """Records (VOCDataset, CocoDataset or a list) -> in-memory COCO ground truth.
+
+    Image ids are numbered 1.. in record order; boxes are 0-based edges -> COCO x, y, w, h; area = box area when
+    there is no mask, else the mask area; difficult (and crowd) objects -> iscrowd = 1 (ignored, see module doc).
+    """
+    from pycocotools import mask as mask_utils
+
+    records = list(records)
+    if not records:
+        raise DataError(f"ground truth {name}: no images")
+    if classes is None:
+        classes = [f"class{i}" for i in range(1 + max((int(r.labels.max()) for r in records if len(r.labels)),
+                                                      default=0))]
+    images, anns = [], []
+    id_map = {}
+    has_masks = all(r.segmentations is not None for r in records)
+    for k, r in enumerate(records, 1):
+        if r.image_id in id_map:
+            raise DataError(f"ground truth {name}: image id {r.image_id!r} listed twice")
+        id_map[str(r.image_id)] = k
+        images.append({"id": k, "width": int(r.width), "height": int(r.height), "file_name": str(r.path)})
+        rles = r.mask_rles() if has_masks else None
+        ign = np.asarray(r.difficult, bool) | np.asarray(r.iscrowd, bool)
+        for j, (box, lab) in enumerate(zip(np.asarray(r.boxes, np.float64), np.asarray(r.labels))):
+            x1, y1, x2, y2 = (float(v) for v in box)
+            a = {"id": len(anns) + 1, "image_id": k, "category_id": int(lab) + 1,
+                 "bbox": [x1, y1, x2 - x1, y2 - y1], "iscrowd": int(ign[j])}
+            if rles is not None:
+                a["segmentation"] = rles[j]
+                a["area"] = float(mask_utils.area(rles[j]))
+            else:
+                a["area"] = (x2 - x1) * (y2 - y1)
+            anns.append(a)
+    cats = [{"id": i + 1, "name": c} for i, c in enumerate(classes)]
+    coco = _quiet_coco({"images": images, "annotations": anns, "categories": cats})
+    return RecallGT(coco, id_map, has_masks, name)
+
+
+# ------------------------------------------------------------------------------------------------- results
+
+
+def _rle(seg, h: int, w: int, where: str) -> dict:
+    from pycocotools import mask as mask_utils
+
+    if isinstance(seg, dict) and "counts" in seg and "size" in seg:
+        size = [int(v) for v in seg["size"]]
+        if size != [h, w]:
+            raise DataError(f"{where}: mask size {size} differs from the image size [{h}, {w}]")
+        if isinstance(seg["counts"], list):  # uncompressed RLE
+            return mask_utils.frPyObjects(seg, h, w)
+        counts = seg["counts"]
+        if isinstance(counts, str):
+            counts = counts.encode("ascii")
+        if not isinstance(counts, bytes):
+            raise DataError(f"{where}: RLE counts must be a string")
+        return {"size": size, "counts": counts}
+    if isinstance(seg, list) and seg and all(isinstance(p, list) for p in seg):  # polygons
+        polys = [p for p in seg if len(p) >= 6]
+        if not polys:
+            raise DataError(f"{where}: empty polygon")
+        return mask_utils.merge(mask_utils.frPyObjects(polys, h, w))
+    raise DataError(f"{where}: 'segmentation' must be a COCO RLE {{size, counts}} or polygons")
+
+
+def prepare_results(gt: RecallGT, results, iou_type: str = "bbox", source: str = "results") -> list[dict]:
+    """Validate a COCO results list and map it onto gt: int image ids, one category (useCats = 0 needs a
+    category id that COCOeval's catIds contain: the ground truth's first), 'bbox' for box recall (from the
+    mask when only a mask is given, as DeepMask's boxes are the masks' tight boxes), compressed RLE for 'segm'.
+    Raises DataError naming the entry for anything malformed."""
+    from pycocotools import mask as mask_utils
+
+    if iou_type not in ("bbox", "segm"):
+        raise DataError(f"iou type must be 'bbox' or 'segm', got {iou_type!r}")
+    if iou_type == "segm" and not gt.has_masks:
+        raise DataError(f"ground truth {gt.name} has no instance masks: use --iou-type bbox")
+    if not isinstance(results, list):
+        raise DataError(f"{source}: expected a JSON list of results, got {type(results).__name__}")
+    cat_ids = sorted(gt.coco.getCatIds())
+    cat = cat_ids[0] if cat_ids else 1
+    out = []
+    for k, r in enumerate(results):
+        where = f"{source}: entry {k}"
+        if not isinstance(r, dict) or "image_id" not in r or "score" not in r:
+            raise DataError(f"{where}: needs 'image_id' and 'score'")
+        img_id = gt.coco_id(r["image_id"])
+        try:
+            score = float(r["score"])
+        except (TypeError, ValueError):
+            raise DataError(f"{where}: score {r['score']!r} is not a number") from None
+        if not math.isfinite(score):
+            raise DataError(f"{where}: non-finite score")
+        img = gt.coco.imgs[img_id]
+        h, w = int(img.get("height", 0)), int(img.get("width", 0))
+        d = {"image_id": img_id, "category_id": cat, "score": score}
+        if iou_type == "segm":
+            if "segmentation" not in r:
+                raise DataError(f"{where}: no 'segmentation' (needed for --iou-type segm)")
+            d["segmentation"] = _rle(r["segmentation"], h, w, where)
+        elif "bbox" in r:
+            b = r["bbox"]
+            try:
+                b = [float(v) for v in b]
+            except (TypeError, ValueError):
+                raise DataError(f"{where}: bbox {b!r} is not 4 numbers") from None
+            if len(b) != 4 or not all(math.isfinite(v) for v in b) or b[2] < 0 or b[3] < 0:
+                raise DataError(f"{where}: bbox {b!r} is not [x, y, w, h] with w, h >= 0")
+            d["bbox"] = b
+        elif "segmentation" in r:
+            d["bbox"] = [float(v) for v in mask_utils.toBbox(_rle(r["segmentation"], h, w, where))]
+        else:
+            raise DataError(f"{where}: needs 'bbox' or 'segmentation'")
+        out.append(d)
+    return out
+
+
+def load_results(path) -> list:
+    """A COCO results json file (list of {image_id, bbox | segmentation, score})."""
+    from core.io import read_json
+
+    res = read_json(path)
+    if not isinstance(res, list):
+        raise DataError(f"{path}: expected a JSON list of results, got {type(res).__name__}")
+    return res
+
+
+def results_from_store(store, top: int | None = None, masks: bool = False) -> list[dict]:
+    """A core.store ProposalStore -> COCO results list (our image ids; bbox x,y,w,h; optional RLE masks).
+
+    The store's order is its ranking (top N = first N); where its scores do not decrease along the ranking,
+    rank-based scores 1 - r/n are used instead so COCOeval's score sort keeps the store's order."""
+    if masks and not store.has_masks:
+        raise DataError(f"{store.path}: this proposal store has no masks (segm recall needs them)")
+    out = []
+    for iid in store.image_ids:
+        p = store.get(iid, top=top, masks=masks)
+        s = np.asarray(p.scores, np.float64)
+        if len(s) > 1 and np.any(np.diff(s) > 0):
+            s = 1.0 - np.arange(len(s)) / len(s)
+        b = np.asarray(p.boxes, np.float64)
+        for j in range(len(s)):
+            x1, y1, x2, y2 = b[j].tolist()
+            d = {"image_id": str(iid), "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(s[j])}
+            if masks:
+                d["segmentation"] = p.masks[j]
+            out.append(d)
+    return out
+
+
+# -------------------------------------------------------------------------------------------------- recall
+
+
+class ProposalRecall:
+    """COCOeval (useCats = 0) of one set of proposals; recall at any count up to ``max_count``.
+
+    Per area range a and IoU threshold t it keeps the 0-based score ranks of the proposals that matched a
+    non-ignored object (one per matched object) and the number of non-ignored objects npig[a]:
+    recall(n)[t] = #(ranks < n) / npig.
+    """
+
+    def __init__(self, gt: RecallGT, results, iou_type: str = "bbox", max_count: int = 1000,
+                 chunk: int = 200, progress: bool = True, source: str = "results"):
+        from pycocotools.cocoeval import COCOeval
+
+        self.gt = gt
+        self.iou_type = iou_type
+        self.max_count = int(max_count)
+        dts = prepare_results(gt, results, iou_type, source)
+        covered = {d["image_id"] for d in dts}
+        img_ids = sorted(gt.coco.getImgIds())
+        if len(covered) < len(img_ids):
+            log.warning("%s: proposals for %d of the %d ground-truth images; the others count as misses",
+                        source, len(covered), len(img_ids))
+        if dts:
+            with contextlib.redirect_stdout(io.StringIO()):
+                coco_dt = gt.coco.loadRes(copy.deepcopy(dts))
+        else:
+            coco_dt = _quiet_coco({"images": list(gt.coco.dataset["images"]), "annotations": [],
+                                   "categories": copy.deepcopy(gt.coco.dataset.get("categories", []))})
+        ev = COCOeval(gt.coco, coco_dt, iouType=iou_type)
+        p = ev.params
+        p.useCats = 0  # class-agnostic proposals (DeepMask official evaluation)
+        p.iouThrs = IOU_THRESHOLDS.copy()
+        p.maxDets = [self.max_count]  # evaluateImg keeps the top maxDets[-1]; smaller counts are prefixes
+        p.areaRng = [list(AREA_RANGES[a]) for a in AREA_RANGES]
+        p.areaRngLbl = list(AREA_RANGES)
+        self.areas = list(AREA_RANGES)
+        T = len(IOU_THRESHOLDS)
+        ranks: dict[str, list[list[np.ndarray]]] = {a: [[] for _ in range(T)] for a in self.areas}
+        npig = {a: 0 for a in self.areas}
+        chunks = [img_ids[i:i + chunk] for i in range(0, len(img_ids), chunk)]
+        for ids in tqdm(chunks, desc=f"AR ({iou_type})", unit="chunk", disable=not progress or len(chunks) < 2):
+            p.imgIds = ids
+            with contextlib.redirect_stdout(io.StringIO()):
+                ev.evaluate()
+            I = len(ids)
+            # evalImgs is ordered [category (one: -1)][area][image]
+            for ai, a in enumerate(self.areas):
+                for e in ev.evalImgs[ai * I:(ai + 1) * I]:
+                    if e is None:
+                        continue
+                    gt_ig = np.asarray(e["gtIgnore"]).astype(bool)
+                    npig[a] += int((~gt_ig).sum())
+                    dtm = np.asarray(e["dtMatches"])
+                    if dtm.size == 0:
+                        continue
+                    tps = (dtm > 0) & ~np.asarray(e["dtIgnore"]).astype(bool)  # as COCOeval.accumulate
+                    for t in range(T):
+                        r = np.flatnonzero(tps[t])
+                        if r.size:
+                            ranks[a][t].append(r)
+            ev.evalImgs = []
+        self._ranks = {a: [np.sort(np.concatenate(x)) if x else np.zeros(0, np.int64) for x in ranks[a]]
+                       for a in self.areas}
+        self.npig = npig
+        self.n_images = len(img_ids)
+        self.n_proposals = len(dts)
+
+    def recall(self, count: int, area: str = "all") -> np.ndarray:
+        """Recall per IoU threshold (10,) with the top ``count`` proposals per image; NaN without objects."""
+        if area not in self._ranks:
+            raise ValueError(f"area must be one of {self.areas}")
+        if not 1 <= count <= self.max_count:
+            raise ValueError(f"count {count} outside 1..{self.max_count} (evaluated up to max_count)")
+        n = self.npig[area]
+        if n == 0:
+            return np.full(len(IOU_THRESHOLDS), np.nan)
+        return np.array([np.searchsorted(r, count, side="left") / n for r in self._ranks[area]])
+
+    def ar(self, count: int, area: str = "all") -> float:
+        """Average recall over IoU .50:.05:.95 with the top ``count`` proposals per image."""
+        return float(np.mean(self.recall(count, area)))
+
+    def ar_curve(self, counts: Iterable[int], area: str = "all") -> np.ndarray:
+        """AR for each count (for AR-vs-number-of-proposals plots, paper Fig. 4)."""
+        return np.array([self.ar(int(c), area) for c in counts])
+
+    def auc(self, area: str = "all", grid: Sequence[int] | None = None) -> float:
+        g = auc_grid(self.max_count) if grid is None else np.asarray(grid)
+        return log_auc(g, self.ar_curve(g, area))
+
+    def summary(self, counts: Sequence[int] = DEFAULT_COUNTS, grid: Sequence[int] | None = None) -> dict:
+        """AR@n for n in counts, AUC (all/S/M/L), AR_S/M/L@100 (or at the middle count), the AUC grid."""
+        g = [int(c) for c in (auc_grid(self.max_count) if grid is None else grid)]
+        out = {}
+        for c in counts:
+            out[f"AR@{c}"] = self.ar(c)
+        out["AUC"] = self.auc("all", g)
+        ref = 100 if 100 <= self.max_count else int(counts[len(counts) // 2])
+        for a, tag in (("small", "S"), ("medium", "M"), ("large", "L")):
+            out[f"AR_{tag}@{ref}"] = self.ar(ref, a)
+        for a, tag in (("small", "S"), ("medium", "M"), ("large", "L")):
+            out[f"AUC_{tag}"] = self.auc(a, g)
+        out["auc_counts"] = g
+        out["iou_type"] = self.iou_type
+        out["n_images"] = self.n_images
+        out["n_objects"] = self.npig["all"]
+        out["n_proposals"] = self.n_proposals
+        return out
+
+
+def evaluate_proposals(gt: RecallGT, results, iou_type: str = "bbox", counts: Sequence[int] = DEFAULT_COUNTS,
+                       grid: Sequence[int] | None = None, progress: bool = True,
+                       source: str = "results") -> dict:
+    """One call: AR@counts, AUC (log-scale, grid 1..max(counts)), AR_S/M/L@100, AUC_S/M/L, the grid."""
+    max_count = int(max(max(counts), max(grid) if grid is not None else 0))
+    pr = ProposalRecall(gt, results, iou_type, max_count=max_count, progress=progress, source=source)
+    return pr.summary(counts, grid)
+
+
+def nan_to_none(d: Mapping) -> dict:
+    """JSON-safe copy (NaN -> null) for entry points."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
