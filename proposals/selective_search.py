@@ -35,6 +35,8 @@ near the top of each hierarchy first. Its top-N lists are therefore much worse (
 from __future__ import annotations
 
 import heapq
+import logging
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +44,8 @@ import numpy as np
 from core.errors import UserError
 
 __all__ = ["selective_search", "MODES", "BACKENDS"]
+
+log = logging.getLogger(__name__)
 
 BACKENDS = ("skimage", "opencv")
 
@@ -327,6 +331,17 @@ def selective_search(image: np.ndarray, *, mode: str = "fast", seed: int = 0, mi
     return _rank(np.concatenate(boxes), np.concatenate(prio), seed, min_box)
 
 
+def _seed_c_rand(seed: int) -> None:
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None) if os.name != "nt" else ctypes.cdll.msvcrt
+        libc.srand(ctypes.c_uint(seed & 0xFFFFFFFF))
+    except (OSError, AttributeError):  # pragma: no cover - exotic platforms
+        log.warning("cannot seed the C rand(): OpenCV's SelectiveSearch ranking will not be reproducible")
+
+
 def _opencv(image: np.ndarray, *, mode: str, seed: int, min_box: int) -> np.ndarray:
     """OpenCV contrib's SelectiveSearch; its own ranking (small regions first), then the same box filters."""
     try:
@@ -340,7 +355,9 @@ def _opencv(image: np.ndarray, *, mode: str, seed: int, min_box: int) -> np.ndar
         ) from None
     if mode not in ("fast", "quality", "single"):
         raise UserError(f"selective search: unknown mode {mode!r} (choose one of fast, quality, single)")
-    cv2.setRNGSeed(int(seed))  # OpenCV ranks with its own RNG: seeding it makes the list deterministic
+    # OpenCV's ranking draws from the C library's rand(): seed it (and cv::RNG) so the list is reproducible
+    cv2.setRNGSeed(int(seed))
+    _seed_c_rand(int(seed))
     ss = seg.createSelectiveSearchSegmentation()
     ss.setBaseImage(np.ascontiguousarray(image[:, :, ::-1]))  # OpenCV wants BGR
     {"fast": ss.switchToSelectiveSearchFast, "quality": ss.switchToSelectiveSearchQuality,
