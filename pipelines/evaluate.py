@@ -1,0 +1,113 @@
+"""Evaluate detections (VOC07 mAP) or proposals (COCO-style AR, as DeepMask's official evaluation).
+
+    python -m pipelines.evaluate detections --voc DIR/VOC2007 --split test --results RESDIR
+        RESDIR holds the devkit result files comp4_det_<split>_<class>.txt (detector/voc_eval.py)
+    python -m pipelines.evaluate proposals (--coco ANN.json | --voc DIR/VOC2007 --split SPLIT)
+        --proposals RES.json|STORE_DIR [--iou-type bbox|segm]
+        RES.json: COCO results list [{image_id, bbox [x,y,w,h] | segmentation (RLE), score}];
+        STORE_DIR: a proposal store (core/store.py)
+
+A human-readable table is printed first; the LAST line of stdout is one JSON object. Bad input (missing folder or
+file, broken XML, unknown class, malformed results) -> one line 'error: ...' on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from core.cli import run_main
+from core.errors import DataError
+from core.io import write_json
+
+log = logging.getLogger("pipelines.evaluate")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m pipelines.evaluate", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser("detections", help="VOC2007 11-point mAP of devkit result files")
+    d.add_argument("--voc", required=True, help="VOCdevkit VOC2007 folder (Annotations/, ImageSets/Main/)")
+    d.add_argument("--split", required=True, help="image set, e.g. test or val")
+    d.add_argument("--results", required=True, help="folder with comp4_det_<split>_<class>.txt")
+    d.add_argument("--out", help="also write the JSON result to this file")
+
+    p = sub.add_parser("proposals", help="average recall (AR@10/100/1000, AUC, S/M/L) of proposals")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--coco", help="COCO instances json (ground truth)")
+    g.add_argument("--voc", help="VOCdevkit VOC2007 folder (ground truth; needs --split; boxes only)")
+    p.add_argument("--split", help="image set with --voc")
+    p.add_argument("--proposals", required=True, help="COCO results json, or a proposal store folder")
+    p.add_argument("--iou-type", choices=("bbox", "segm"), default="bbox")
+    p.add_argument("--counts", default="10,100,1000", help="proposal counts for AR@n (comma separated)")
+    p.add_argument("--out", help="also write the JSON result to this file")
+    return ap
+
+
+def _detections(args) -> dict:
+    from core.datasets import VOCDataset
+    from detector.voc_eval import evaluate_detections, format_table, read_results
+
+    ds = VOCDataset(args.voc, args.split)
+    records = [ds[i] for i in range(len(ds))]  # parses every XML: errors name the file
+    dets = read_results(args.results, args.split, ds.classes, image_ids=ds.image_ids)
+    res = evaluate_detections(records, dets, classes=ds.classes)
+    print(f"VOC07 11-point AP, {len(records)} images of {ds.root} split '{args.split}', results {args.results}")
+    print(format_table(res))
+    return res
+
+
+def _proposals(args) -> dict:
+    from proposals.recall import evaluate_proposals, gt_from_coco, gt_from_records, load_results, \
+        nan_to_none, results_from_store
+
+    try:
+        counts = sorted({int(c) for c in args.counts.split(",") if c.strip()})
+    except ValueError:
+        raise DataError(f"--counts {args.counts!r}: expected comma-separated integers") from None
+    if not counts or counts[0] < 1:
+        raise DataError(f"--counts {args.counts!r}: counts must be >= 1")
+    ds = None
+    if args.coco:
+        gt = gt_from_coco(args.coco)
+    else:
+        from core.datasets import VOCDataset
+
+        if not args.split:
+            raise DataError("--voc needs --split")
+        ds = VOCDataset(args.voc, args.split)
+        gt = gt_from_records((ds[i] for i in range(len(ds))), ds.classes, name=f"{ds.root} split '{args.split}'")
+
+    src = Path(args.proposals)
+    if src.is_dir():
+        from core.store import ProposalStore
+
+        store = ProposalStore.open(src)
+        if ds is not None:
+            store.check(ds.name, args.split)
+        results = results_from_store(store, top=counts[-1], masks=args.iou_type == "segm")
+    else:
+        results = load_results(src)
+    res = evaluate_proposals(gt, results, args.iou_type, counts=counts, source=str(src))
+    print(f"proposal recall ({args.iou_type}, useCats=0, IoU .50:.05:.95), {res['n_images']} images, "
+          f"{res['n_objects']} objects, {res['n_proposals']} proposals from {src}")
+    for k, v in res.items():
+        if isinstance(v, float):
+            print(f"  {k:<10s} {v:.4f}")
+    print(f"  AUC grid (log-spaced counts): {res['auc_counts']}")
+    return nan_to_none(res)
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    res = _detections(args) if args.cmd == "detections" else _proposals(args)
+    if args.out:
+        write_json(args.out, res, indent=1)
+    print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
