@@ -89,12 +89,13 @@ def voc07_ap(rec, prec) -> float:
     prec = np.asarray(prec, dtype=np.float64).ravel()
     if rec.shape != prec.shape:
         raise ValueError(f"rec and prec differ in length: {rec.shape} vs {prec.shape}")
-    ap = 0.0
+    ps = []
     for t in VOC07_RECALL_THRESHOLDS:
         sel = rec >= t
-        p = float(np.max(prec[sel])) if sel.any() else 0.0
-        ap = ap + p / 11.0  # accumulated in the devkit's order, so the float result is the same
-    return ap
+        ps.append(float(np.max(prec[sel])) if sel.any() else 0.0)
+    # exactly rounded sum / 11 (the devkit adds p/11 eleven times, which can end 1 ulp off, e.g. a perfect
+    # class at 1.0000000000000002); the value is otherwise the same
+    return math.fsum(ps) / 11.0
 
 
 def _to_devkit(boxes: np.ndarray) -> np.ndarray:
@@ -104,40 +105,46 @@ def _to_devkit(boxes: np.ndarray) -> np.ndarray:
     return b
 
 
-def _best_overlaps(det: np.ndarray, det_img: np.ndarray, gt_pad: np.ndarray, gt_valid: np.ndarray,
-                   chunk_elems: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
-    """For every detection (devkit coordinates), the highest IoU with a gt box of its image and that box's slot.
+def _best_overlaps(det: np.ndarray, det_img: np.ndarray, gt: np.ndarray, starts: np.ndarray, counts: np.ndarray,
+                   chunk_elems: int = 1 << 21) -> tuple[np.ndarray, np.ndarray]:
+    """For every detection, the highest IoU with a gt box of its image and the index of that box.
 
-    gt_pad: (n_img, G, 4) devkit coordinates, gt_valid: (n_img, G). Same arithmetic as py-faster-rcnn voc_eval
-    (intersection +1, union with +1 widths); a NaN IoU wins argmax and fails `> thresh`, as np.argmax/np.max there.
-    Detections in an image without gt get -inf.
+    det: (n,4) and gt: (m,4) in devkit coordinates, gt grouped by image (image i owns gt[starts[i]:starts[i]+
+    counts[i]]). Same arithmetic as py-faster-rcnn voc_eval (intersection with +1, union of +1 widths) and the
+    same np.argmax/np.max semantics per detection (first maximum; a NaN IoU wins and then fails `> thresh`).
+    Detections are grouped by the number k of gt boxes in their image so the work is exactly the number of
+    (detection, gt of its image) pairs. A detection in an image without gt gets -inf (and index -1).
     """
     n = det.shape[0]
-    G = gt_pad.shape[1]
     ovmax = np.full(n, -np.inf)
-    jmax = np.zeros(n, dtype=np.int64)
-    if n == 0 or G == 0:
+    jmax = np.full(n, -1, dtype=np.int64)
+    if n == 0 or gt.shape[0] == 0:
         return ovmax, jmax
-    step = max(1, chunk_elems // G)
-    for s in range(0, n, step):
-        d = det[s:s + step, None, :]  # (c,1,4)
-        img = det_img[s:s + step]
-        g = gt_pad[img]  # (c,G,4)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            ixmin = np.maximum(g[..., 0], d[..., 0])
-            iymin = np.maximum(g[..., 1], d[..., 1])
-            ixmax = np.minimum(g[..., 2], d[..., 2])
-            iymax = np.minimum(g[..., 3], d[..., 3])
-            iw = np.maximum(ixmax - ixmin + 1.0, 0.0)
-            ih = np.maximum(iymax - iymin + 1.0, 0.0)
-            inters = iw * ih
-            uni = ((d[..., 2] - d[..., 0] + 1.0) * (d[..., 3] - d[..., 1] + 1.0)
-                   + (g[..., 2] - g[..., 0] + 1.0) * (g[..., 3] - g[..., 1] + 1.0) - inters)
-            ov = inters / uni
-        ov[~gt_valid[img]] = -np.inf
-        j = np.argmax(ov, axis=1)
-        jmax[s:s + step] = j
-        ovmax[s:s + step] = ov[np.arange(len(j)), j]
+    k_of_det = counts[det_img]
+    gx1, gy1, gx2, gy2 = (np.ascontiguousarray(gt[:, c]) for c in range(4))
+    for k in np.flatnonzero(np.bincount(k_of_det)):
+        k = int(k)
+        if k == 0:
+            continue
+        sel_all = np.flatnonzero(k_of_det == k)
+        step = max(1, chunk_elems // k)
+        ar = np.arange(k)
+        for s in range(0, sel_all.shape[0], step):
+            sel = sel_all[s:s + step]
+            idx = starts[det_img[sel]][:, None] + ar  # (c,k) gt indices
+            d = det[sel]
+            bx1, by1, bx2, by2 = (d[:, c:c + 1] for c in range(4))
+            g1, g2, g3, g4 = gx1[idx], gy1[idx], gx2[idx], gy2[idx]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                iw = np.maximum(np.minimum(g3, bx2) - np.maximum(g1, bx1) + 1.0, 0.0)
+                ih = np.maximum(np.minimum(g4, by2) - np.maximum(g2, by1) + 1.0, 0.0)
+                inters = iw * ih
+                uni = (bx2 - bx1 + 1.0) * (by2 - by1 + 1.0) + (g3 - g1 + 1.0) * (g4 - g2 + 1.0) - inters
+                ov = inters / uni
+            j = np.argmax(ov, axis=1)
+            r = np.arange(sel.shape[0])
+            ovmax[sel] = ov[r, j]
+            jmax[sel] = idx[r, j]
     return ovmax, jmax
 
 
@@ -152,34 +159,28 @@ def _eval_arrays(det_boxes: np.ndarray, det_scores: np.ndarray, det_img: np.ndar
     npos = int((~gt_difficult).sum())
     nd = det_scores.shape[0]
 
-    # ground truth -> padded per-image arrays (n_img, G, 4), slots in input order within each image
+    # ground truth grouped by image, input order kept within an image (argmax ties -> first box, as the devkit)
     g_order = np.argsort(gt_img, kind="stable")
-    gi = gt_img[g_order]
-    counts = np.bincount(gi, minlength=n_img)
-    G = int(counts.max()) if counts.size else 0
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]) if counts.size else np.zeros(0, np.int64)
-    slot = np.arange(gi.shape[0]) - starts[gi]
-    gt_pad = np.zeros((n_img, G, 4))
-    gt_valid = np.zeros((n_img, G), dtype=bool)
-    gt_diff_pad = np.zeros((n_img, G), dtype=bool)
-    gt_pad[gi, slot] = _to_devkit(gt_boxes)[g_order]
-    gt_valid[gi, slot] = True
-    gt_diff_pad[gi, slot] = gt_difficult[g_order]
+    gt = _to_devkit(gt_boxes)[g_order]
+    g_diff = gt_difficult[g_order]
+    counts = np.bincount(gt_img, minlength=n_img)
+    starts = np.zeros(n_img, dtype=np.int64)
+    if n_img > 1:
+        np.cumsum(counts[:-1], out=starts[1:])
 
     # detections sorted by confidence, descending, ties in input order
     order = np.argsort(-det_scores, kind="stable")
     d = _to_devkit(det_boxes)[order]
     dimg = det_img[order]
-    ovmax, jmax = _best_overlaps(d, dimg, gt_pad, gt_valid)
+    ovmax, jmax = _best_overlaps(d, dimg, gt, starts, counts)
 
     hit = ovmax > iou_thresh  # NaN / -inf compare False -> FP, as in the devkit
     difficult_hit = np.zeros(nd, dtype=bool)
-    difficult_hit[hit] = gt_diff_pad[dimg[hit], jmax[hit]]
+    difficult_hit[hit] = g_diff[jmax[hit]]
     cand = np.flatnonzero(hit & ~difficult_hit)  # in score order
     tp = np.zeros(nd)
     if cand.size:
-        key = dimg[cand] * max(G, 1) + jmax[cand]
-        _, first = np.unique(key, return_index=True)  # first detection (in score order) to claim each box
+        _, first = np.unique(jmax[cand], return_index=True)  # first detection (score order) to claim each box
         tp[cand[first]] = 1.0
     fp = np.where(difficult_hit, 0.0, 1.0 - tp)
 
