@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--proposals", required=True, help="COCO results json, or a proposal store folder")
     p.add_argument("--iou-type", choices=("bbox", "segm"), default="bbox")
     p.add_argument("--counts", default="10,100,1000", help="proposal counts for AR@n (comma separated)")
+    p.add_argument("--no-sizes", action="store_true",
+                   help="skip the small/medium/large ranges (about 4x faster; no AR_S/M/L keys)")
     p.add_argument("--out", help="also write the JSON result to this file")
     return ap
 
@@ -90,7 +92,8 @@ def _proposals(args) -> dict:
         results = results_from_store(store, top=counts[-1], masks=args.iou_type == "segm")
     else:
         results = load_results(src)
-    res = evaluate_proposals(gt, results, args.iou_type, counts=counts, source=str(src))
+    res = evaluate_proposals(gt, results, args.iou_type, counts=counts, source=str(src),
+                             areas=("all",) if args.no_sizes else ("all", "small", "medium", "large"))
     print(f"proposal recall ({args.iou_type}, useCats=0, IoU .50:.05:.95), {res['n_images']} images, "
           f"{res['n_objects']} objects, {res['n_proposals']} proposals from {src}")
     for k, v in res.items():

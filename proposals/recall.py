@@ -111,7 +111,19 @@ def gt_from_coco(ann_file) -> RecallGT:
     ids = coco.getImgIds()
     if not ids:
         raise DataError(f"{ann_file}: no images")
-    has_masks = bool(coco.anns) and all("segmentation" in a for a in coco.anns.values())
+    from pycocotools import mask as mask_utils
+
+    for a in coco.anns.values():  # COCOeval needs bbox, area, iscrowd on every object
+        b = a.get("bbox")
+        if not isinstance(b, list) or len(b) != 4:
+            raise DataError(f"{ann_file}: annotation {a.get('id')} of image {a.get('image_id')} has no valid bbox")
+        if a.get("id", 0) == 0:  # COCOeval reads a match on gt id 0 as 'no match'
+            raise DataError(f"{ann_file}: annotation ids must be positive (image {a.get('image_id')})")
+        a.setdefault("iscrowd", 0)
+        if "area" not in a:
+            a["area"] = float(mask_utils.area(coco.annToRLE(a))) if a.get("segmentation") else \
+                float(b[2]) * float(b[3])
+    has_masks = bool(coco.anns) and all(a.get("segmentation") for a in coco.anns.values())
     return RecallGT(coco, {str(i): int(i) for i in ids}, has_masks, str(ann_file))
 
 
@@ -276,7 +288,8 @@ class ProposalRecall:
     """
 
     def __init__(self, gt: RecallGT, results, iou_type: str = "bbox", max_count: int = 1000,
-                 chunk: int = 200, progress: bool = True, source: str = "results"):
+                 chunk: int = 200, progress: bool = True, source: str = "results",
+                 areas: Sequence[str] = tuple(AREA_RANGES)):
         from pycocotools.cocoeval import COCOeval
 
         self.gt = gt
@@ -299,9 +312,11 @@ class ProposalRecall:
         p.useCats = 0  # class-agnostic proposals (DeepMask official evaluation)
         p.iouThrs = IOU_THRESHOLDS.copy()
         p.maxDets = [self.max_count]  # evaluateImg keeps the top maxDets[-1]; smaller counts are prefixes
-        p.areaRng = [list(AREA_RANGES[a]) for a in AREA_RANGES]
-        p.areaRngLbl = list(AREA_RANGES)
-        self.areas = list(AREA_RANGES)
+        self.areas = [a for a in AREA_RANGES if a in areas]  # 'all' alone is ~4x faster (COCOeval per area)
+        if "all" not in self.areas or any(a not in AREA_RANGES for a in areas):
+            raise ValueError(f"areas must include 'all' and be among {list(AREA_RANGES)}")
+        p.areaRng = [list(AREA_RANGES[a]) for a in self.areas]
+        p.areaRngLbl = list(self.areas)
         T = len(IOU_THRESHOLDS)
         ranks: dict[str, list[list[np.ndarray]]] = {a: [[] for _ in range(T)] for a in self.areas}
         npig = {a: 0 for a in self.areas}
@@ -364,9 +379,10 @@ class ProposalRecall:
             out[f"AR@{c}"] = self.ar(c)
         out["AUC"] = self.auc("all", g)
         ref = 100 if 100 <= self.max_count else int(counts[len(counts) // 2])
-        for a, tag in (("small", "S"), ("medium", "M"), ("large", "L")):
+        sml = [(a, t) for a, t in (("small", "S"), ("medium", "M"), ("large", "L")) if a in self.areas]
+        for a, tag in sml:
             out[f"AR_{tag}@{ref}"] = self.ar(ref, a)
-        for a, tag in (("small", "S"), ("medium", "M"), ("large", "L")):
+        for a, tag in sml:
             out[f"AUC_{tag}"] = self.auc(a, g)
         out["auc_counts"] = g
         out["iou_type"] = self.iou_type
@@ -378,10 +394,10 @@ class ProposalRecall:
 
 def evaluate_proposals(gt: RecallGT, results, iou_type: str = "bbox", counts: Sequence[int] = DEFAULT_COUNTS,
                        grid: Sequence[int] | None = None, progress: bool = True,
-                       source: str = "results") -> dict:
+                       source: str = "results", areas: Sequence[str] = tuple(AREA_RANGES)) -> dict:
     """One call: AR@counts, AUC (log-scale, grid 1..max(counts)), AR_S/M/L@100, AUC_S/M/L, the grid."""
     max_count = int(max(max(counts), max(grid) if grid is not None else 0))
-    pr = ProposalRecall(gt, results, iou_type, max_count=max_count, progress=progress, source=source)
+    pr = ProposalRecall(gt, results, iou_type, max_count=max_count, progress=progress, source=source, areas=areas)
     return pr.summary(counts, grid)
 
 

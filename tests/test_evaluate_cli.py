@@ -143,6 +143,10 @@ def test_proposals_voc_and_errors(tmp_path, capsys):
     code, out, _ = run(["proposals", "--voc", str(voc), "--split", "val", "--proposals", str(pf),
                         "--counts", "1,2"], capsys)
     assert json.loads(out.strip().splitlines()[-1])["AR@1"] == pytest.approx(1 / 3)
+    code, out, _ = run(["proposals", "--voc", str(voc), "--split", "val", "--proposals", str(pf), "--no-sizes"],
+                       capsys)
+    fast = json.loads(out.strip().splitlines()[-1])
+    assert fast["AR@10"] == 1.0 and "AR_S@100" not in fast
     # segm on VOC: no masks
     code, _, err = run(["proposals", "--voc", str(voc), "--split", "val", "--proposals", str(pf),
                         "--iou-type", "segm"], capsys)

@@ -100,6 +100,9 @@ def test_area_ranges_and_summary_keys():
     assert s["auc_counts"][-1] == 1000
     # recall of 1 of 2 objects from n = 1 on -> AUC .5
     assert s["AUC"] == pytest.approx(0.5)
+    # only the 'all' range (faster): same AR, no S/M/L keys
+    s2 = evaluate_proposals(gt, res, counts=(10, 100), progress=False, areas=("all",))
+    assert s2["AR@10"] == 0.5 and "AR_S@100" not in s2
 
 
 def test_bad_results():
