@@ -71,12 +71,12 @@ def deepmask_loss(mask_logits: torch.Tensor, scores: torch.Tensor, masks: torch.
             target = masks[pos].to(up.dtype) * 2 - 1  # m_k^ij in {+-1}
             per_sample = F.softplus(-target * up).mean(dim=(1, 2))  # log(1 + exp(-m f)), mean over pixels
             loss = loss + per_sample.sum()
-            stats["mask_loss"] = float(per_sample.mean())
+            stats["mask_loss"] = float(per_sample.detach().mean())
     if kind in ("score", "joint"):
         s = F.softplus(-labels * scores)
         loss = loss + score_weight * s.sum()
-        stats["score_loss"] = float(s.mean())
-        stats["score_acc"] = float(((scores > 0) == pos).float().mean())
+        stats["score_loss"] = float(s.detach().mean())
+        stats["score_acc"] = float(((scores.detach() > 0) == pos).float().mean())
     return loss, stats
 
 

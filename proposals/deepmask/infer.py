@@ -1,0 +1,255 @@
+"""DeepMask full-scene inference (paper §3.3, §3.4).
+
+For every scale 2^scale_min .. 2^scale_max in steps of 2^scale_step (2^-2 .. 2^1 by 2^(1/2); DeepMaskZoom adds
+2^(scale_max + scale_step)), the image is resized, padded, and run through the trunk ONCE; the heads are applied
+convolutionally (model.DeepMask.dense_scores: the score FC layers as a dilated 7x7 conv + 1x1 convs), giving an
+objectness score for the patch at every 16-px step. Masks are computed only for the candidates that are kept
+(model.DeepMask.masks_at: the same weights as the f x f / 1x1 convolutions of the dense form, evaluated where
+needed -- identical values, without holding 3136 channels per position).
+
+* Padding: each scaled image is padded by ``infer_pad * patch_size`` pixels (half a patch by default) on every
+  side with the training pad colour, so an object at the image border can still be centred in a patch (official
+  code: 80 px of grey around each scaled image for its 160-px patches, i.e. half a patch). Only positions whose patch
+  centre lies inside the image are candidates.
+* Ranking: candidates of all scales are ranked together by score (sigmoid of the score logit); no NMS by default
+  (official code); ``nms > 0`` applies box NMS (torchvision.ops.nms) at that IoU.
+* Masks: the top candidates are taken in score order, in chunks of ``chunk``: each 56x56 mask is resized to its
+  patch footprint in the original image (bilinear, the fixed upsampling of training, applied to the logits;
+  one cv2.warpAffine into the footprint clipped to the image), binarised at ``mask_threshold`` (0.2 COCO, 0.1
+  PASCAL) and RLE-encoded; a candidate whose binary mask is empty is dropped and the next one taken, until
+  ``top_n`` proposals. The box is the binary mask's extent (core.boxes.mask_to_box convention: [xmin, ymin,
+  xmax+1, ymax+1]). Only one full-size mask buffer exists at a time.
+* Memory: images with a longer side above ``max_image_side`` are first downscaled (results are mapped back to
+  the original pixels); ``scale_batch`` runs all scales as one padded batch (GPU; the paper's §4 "Speed" remark),
+  otherwise scales run one after another.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import cv2
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+
+from core.errors import ConfigError, ImageError
+
+from .model import DeepMask
+from .sampler import pad_rgb_for
+
+log = logging.getLogger(__name__)
+
+__all__ = ["inference_scales", "DeepMaskProposer", "build_deepmask_proposer", "paste_mask"]
+
+# DeepMaskConfig keys that define the trained network (taken from the checkpoint, never from the run's config).
+MODEL_KEYS = ("trunk", "head", "seg_channels", "lowrank_dim", "mask_size", "patch_size", "object_size",
+              "score_hidden", "pad_color")
+
+
+def inference_scales(dm) -> list[float]:
+    """2^scale_min .. 2^scale_max step 2^scale_step (§3.4), plus 2^(scale_max + scale_step) for DeepMaskZoom.
+
+    DeepMaskZoom (§4, Table 1) "applies [the model] at an additional smaller scale ... especially for small objects":
+    smaller *objects* need a LARGER image scale (at 2^1.5 an object of 128 / 2^1.5 = 45 px becomes canonical), and
+    Table 1 shows the gain on small objects (AUC^S .023 -> .068) with a small loss on large ones, so the extra scale
+    is the zoomed-in 2^(scale_max + scale_step)."""
+    if dm.scale_step <= 0 or dm.scale_max < dm.scale_min:
+        raise ConfigError("config keys 'deepmask.scale_min/scale_max/scale_step': need scale_step > 0 and "
+                          "scale_max >= scale_min")
+    n = int(math.floor((dm.scale_max - dm.scale_min) / dm.scale_step + 1e-6)) + 1
+    exps = [dm.scale_min + i * dm.scale_step for i in range(n)]
+    if dm.zoom:
+        exps.append(exps[-1] + dm.scale_step)
+    return [2.0 ** e for e in exps]
+
+
+def paste_mask(logits: np.ndarray, ox: float, oy: float, lx: float, ly: float, height: int, width: int,
+               logit_thr: float):
+    """Binary mask of one candidate inside the image: ``logits`` (m, m) cover the patch [ox, ox+lx) x [oy, oy+ly)
+    (original pixels, continuous coordinates). Returns (region bool array, x0, y0) of the footprint clipped to the
+    image, or None when the footprint misses the image. Bilinear resize with the half-pixel convention of
+    F.interpolate(align_corners=False) (model.upsample_masks), edge values replicated inside the patch."""
+    m = logits.shape[0]
+    x0, x1 = max(0, math.ceil(ox - 0.5)), min(width, math.ceil(ox + lx - 0.5))  # pixel centres inside the patch
+    y0, y1 = max(0, math.ceil(oy - 0.5)), min(height, math.ceil(oy + ly - 0.5))
+    if x1 <= x0 or y1 <= y0:
+        return None
+    fx, fy = m / lx, m / ly
+    mat = np.array([[fx, 0.0, fx * (x0 + 0.5 - ox) - 0.5], [0.0, fy, fy * (y0 + 0.5 - oy) - 0.5]], np.float64)
+    reg = cv2.warpAffine(np.ascontiguousarray(logits, np.float32), mat, (x1 - x0, y1 - y0),
+                         flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
+    return reg > logit_thr, x0, y0
+
+
+class DeepMaskProposer:
+    """``proposer(image HxWx3 uint8 RGB) -> (boxes (n,4) float32, scores (n,) float32, masks [RLE])``, ranked."""
+
+    has_masks = True
+
+    def __init__(self, model: DeepMask, dm, device="cpu"):
+        for k, lo in (("top_n", 1), ("chunk", 1)):
+            if getattr(dm, k) < lo:
+                raise ConfigError(f"config key 'deepmask.{k}': must be >= {lo}, got {getattr(dm, k)}")
+        if not 0.0 < dm.mask_threshold < 1.0:
+            raise ConfigError(f"config key 'deepmask.mask_threshold': must be in (0, 1), got {dm.mask_threshold}")
+        if dm.infer_pad < 0:
+            raise ConfigError(f"config key 'deepmask.infer_pad': must be >= 0, got {dm.infer_pad}")
+        self.model = model.eval().to(device)
+        self.device = torch.device(device)
+        self.dm = dm
+        self.top_n = int(dm.top_n)
+        self.scales = inference_scales(dm)
+        self.patch = model.patch_size
+        self.stride = int(getattr(model.trunk, "stride", 16))
+        self.pad = int(round(dm.infer_pad * self.patch))
+        self.pad_rgb = np.array(pad_rgb_for(dm.pad_color, model.trunk.mean), np.float32)
+        t = float(dm.mask_threshold)
+        self.logit_thr = math.log(t / (1.0 - t))
+
+    # ------------------------------------------------------------------------------------------ scales
+    def _canvas(self, image: np.ndarray, e: float):
+        """Scaled image (scale e) padded on every side, as (3, Hc, Wc) float in [0,1]; with the exact per-axis
+        scales and the scaled size."""
+        h, w = image.shape[:2]
+        sw, sh = max(1, int(round(w * e))), max(1, int(round(h * e)))
+        interp = cv2.INTER_AREA if e < 1 else cv2.INTER_LINEAR
+        scaled = cv2.resize(image, (sw, sh), interpolation=interp) if (sw, sh) != (w, h) else image
+        st = self.stride
+        wc = int(math.ceil(max(sw + 2 * self.pad, self.patch) / st) * st)
+        hc = int(math.ceil(max(sh + 2 * self.pad, self.patch) / st) * st)
+        return scaled, (sw / w, sh / h), (sw, sh), (hc, wc)
+
+    def _tensor(self, scaled: np.ndarray, hc: int, wc: int) -> torch.Tensor:
+        canvas = np.empty((hc, wc, 3), np.float32)
+        canvas[...] = self.pad_rgb
+        sh, sw = scaled.shape[:2]
+        canvas[self.pad:self.pad + sh, self.pad:self.pad + sw] = scaled
+        return torch.from_numpy(canvas).permute(2, 0, 1).div_(255.0)
+
+    def _score_all(self, image: np.ndarray):
+        """Per scale: (ex, ey, score logits (Ho, Wo) on CPU restricted to patch centres in the image, seg features
+        on the device)."""
+        h, w = image.shape[:2]
+        base = 1.0
+        if self.dm.max_image_side and max(h, w) > self.dm.max_image_side:
+            base = self.dm.max_image_side / max(h, w)
+        plans = [self._canvas(image, base * s) for s in self.scales]
+        model, f = self.model, self.model.feat_size
+        outs = []
+
+        def heads(feat, plan):
+            (ex, ey), (sw, sh) = plan[1], plan[2]
+            scores = model.dense_scores(feat)[0]
+            # patch (u, v) has its centre at 16v + P/2 - pad in scaled-image pixels: keep centres in the image
+            ny = min(scores.shape[0], int(math.floor((sh + self.pad - self.patch / 2) / self.stride)) + 1)
+            nx = min(scores.shape[1], int(math.floor((sw + self.pad - self.patch / 2) / self.stride)) + 1)
+            y_lo = max(0, int(math.ceil((self.pad - self.patch / 2) / self.stride)))
+            x_lo = max(0, int(math.ceil((self.pad - self.patch / 2) / self.stride)))
+            valid = torch.full_like(scores, -math.inf)
+            valid[y_lo:ny, x_lo:nx] = scores[y_lo:ny, x_lo:nx]
+            outs.append((ex, ey, valid.float().cpu(), model.seg_features(feat)))
+
+        if self.dm.scale_batch and len(plans) > 1:
+            hmax = max(p[3][0] for p in plans)
+            wmax = max(p[3][1] for p in plans)
+            batch = torch.stack([self._tensor(p[0], hmax, wmax) for p in plans]).to(self.device)
+            feats = model.features(model.normalize(batch))
+            for i, p in enumerate(plans):
+                hf, wf = p[3][0] // self.stride, p[3][1] // self.stride
+                heads(feats[i:i + 1, :, :hf, :wf], p)
+        else:
+            for p in plans:
+                x = self._tensor(p[0], *p[3])[None].to(self.device)
+                heads(model.features(model.normalize(x)), p)
+        return outs
+
+    # ------------------------------------------------------------------------------------------ call
+    @torch.inference_mode()
+    def __call__(self, image: np.ndarray):
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or min(image.shape[:2]) < 1:
+            raise ImageError(f"DeepMask expects an HxWx3 uint8 RGB image, got {image.dtype} {image.shape}")
+        h, w = image.shape[:2]
+        per_scale = self._score_all(image)
+        # all candidates of all scales, ranked by score
+        flat = torch.cat([s.flatten() for _, _, s, _ in per_scale])
+        sizes = [s.numel() for _, _, s, _ in per_scale]
+        offsets = np.cumsum([0] + sizes)
+        order = torch.argsort(flat, descending=True, stable=True)
+        n_finite = int(torch.isfinite(flat).sum())
+        order = order[:n_finite]
+
+        boxes, scores, rles = [], [], []
+        buf = np.zeros((h, w, 1), np.uint8, order="F")
+        model, p = self.model, self.patch
+        pos = 0
+        while len(boxes) < self.top_n and pos < len(order):
+            idx = order[pos:pos + self.dm.chunk].numpy()
+            pos += len(idx)
+            si = np.searchsorted(offsets, idx, side="right") - 1
+            cand_scores = flat[idx].numpy()
+            logits = np.empty((len(idx), model.mask_size, model.mask_size), np.float32)
+            geo = np.empty((len(idx), 4), np.float64)
+            for s in np.unique(si):
+                sel = np.flatnonzero(si == s)
+                ex, ey, smap, seg = per_scale[s]
+                local = idx[sel] - offsets[s]
+                us, vs = local // smap.shape[1], local % smap.shape[1]
+                t = lambda a: torch.as_tensor(a, device=seg.device, dtype=torch.long)  # noqa: E731
+                logits[sel] = model.masks_at(seg, t(np.zeros_like(us)), t(us), t(vs)).float().cpu().numpy()
+                geo[sel, 0] = (self.stride * vs - self.pad) / ex
+                geo[sel, 1] = (self.stride * us - self.pad) / ey
+                geo[sel, 2] = p / ex
+                geo[sel, 3] = p / ey
+            new_boxes, new_scores, new_rles = [], [], []
+            for k in range(len(idx)):
+                r = paste_mask(logits[k], *geo[k], h, w, self.logit_thr)
+                if r is None or not r[0].any():
+                    continue  # empty binary mask: dropped, the next candidate is taken
+                reg, x0, y0 = r
+                rows, cols = np.flatnonzero(reg.any(1)), np.flatnonzero(reg.any(0))
+                new_boxes.append([x0 + cols[0], y0 + rows[0], x0 + cols[-1] + 1, y0 + rows[-1] + 1])
+                buf[y0:y0 + reg.shape[0], x0:x0 + reg.shape[1], 0] = reg
+                rle = mask_utils.encode(buf)[0]
+                buf[y0:y0 + reg.shape[0], x0:x0 + reg.shape[1], 0] = 0
+                rle["counts"] = rle["counts"].decode("ascii")
+                new_rles.append(rle)
+                new_scores.append(cand_scores[k])
+            if not new_boxes:
+                continue
+            boxes.extend(new_boxes)
+            scores.extend(new_scores)
+            rles.extend(new_rles)
+            if self.dm.nms > 0:
+                # Kept proposals score at least as high as the new ones, so NMS over the union keeps them and
+                # suppresses new ones against them and against each other: greedy NMS in score order.
+                from torchvision.ops import nms
+
+                keep = nms(torch.tensor(boxes, dtype=torch.float32), torch.tensor(scores, dtype=torch.float32),
+                           float(self.dm.nms)).sort().values.numpy()
+                boxes = [boxes[i] for i in keep]
+                scores = [scores[i] for i in keep]
+                rles = [rles[i] for i in keep]
+        n = min(len(boxes), self.top_n)
+        out_boxes = np.asarray(boxes[:n], np.float32).reshape(-1, 4)
+        out_scores = 1.0 / (1.0 + np.exp(-np.asarray(scores[:n], np.float64)))  # sigmoid (official code)
+        return out_boxes, out_scores.astype(np.float32), rles[:n]
+
+
+def build_deepmask_proposer(cfg, checkpoint) -> DeepMaskProposer:
+    """The DeepMask proposer of a checkpoint written by proposals.deepmask.train: the network (architecture and
+    weights) comes from the checkpoint; the inference settings (scales, threshold, top_n, nms, padding, ...) from
+    ``cfg.deepmask``; the device from ``cfg.device``."""
+    from .train import load_deepmask
+
+    model, train_cfg = load_deepmask(checkpoint, device=cfg.device)
+    dm = cfg.deepmask
+    diff = [k for k in MODEL_KEYS if getattr(dm, k) != getattr(train_cfg.deepmask, k)]
+    if diff:
+        log.warning("deepmask: %s defines %s differently from the config; using the checkpoint's values", checkpoint,
+                    ", ".join(f"{k}={getattr(train_cfg.deepmask, k)!r}" for k in diff))
+        import dataclasses
+
+        dm = dataclasses.replace(dm, **{k: getattr(train_cfg.deepmask, k) for k in diff})
+    return DeepMaskProposer(model, dm, device=cfg.device)

@@ -1,0 +1,222 @@
+"""DeepMask patch sampler (paper §3.2, §3.4) on a tiny hand-made COCO set with RLE masks."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from core.config import CocoSource
+from core.errors import DataError
+from proposals.deepmask.sampler import (PatchSampler, PatchStream, SamplerParams, load_records, split_holdout,
+                                        warp_patch)
+
+OBJ_COLOUR = (250, 20, 20)
+BG_COLOUR = (20, 120, 20)
+
+
+def make_coco(tmp_path, n_images=3, size=(200, 160)):
+    """Images (w x h) with an L-shaped object (asymmetric: catches flip mistakes), a 40x24 rectangle, a tiny 6x6
+    square (too small to be a positive) and a crowd region; COCO json with RLE masks."""
+    w, h = size
+    img_dir = tmp_path / "images"
+    img_dir.mkdir(exist_ok=True)
+    images, anns = [], []
+    aid = 1
+    for i in range(n_images):
+        img = np.zeros((h, w, 3), np.uint8)
+        img[:] = BG_COLOUR
+        objs = []
+        L = np.zeros((h, w), np.uint8)  # L shape: 60 tall x 40 wide bbox, at x 20+10i, y 30
+        x0, y0 = 20 + 10 * i, 30
+        L[y0:y0 + 60, x0:x0 + 12] = 1
+        L[y0 + 48:y0 + 60, x0:x0 + 40] = 1
+        objs.append((L, 0))
+        R = np.zeros((h, w), np.uint8)
+        R[100:124, 120:160] = 1
+        objs.append((R, 0))
+        T = np.zeros((h, w), np.uint8)
+        T[10:16, 150:156] = 1
+        objs.append((T, 0))
+        C = np.zeros((h, w), np.uint8)
+        C[130:150, 20:60] = 1
+        objs.append((C, 1))
+        for m, crowd in objs:
+            img[m.astype(bool)] = OBJ_COLOUR
+            rle = mask_utils.encode(np.asfortranarray(m))
+            rle["counts"] = rle["counts"].decode("ascii")
+            x, y, bw, bh = (float(v) for v in mask_utils.toBbox(rle))
+            anns.append({"id": aid, "image_id": i + 1, "category_id": 1, "segmentation": rle, "area": float(m.sum()),
+                         "bbox": [x, y, bw, bh], "iscrowd": crowd})
+            aid += 1
+        Image.fromarray(img).save(img_dir / f"{i + 1}.png")
+        images.append({"id": i + 1, "file_name": f"{i + 1}.png", "width": w, "height": h})
+    ann = tmp_path / "instances.json"
+    ann.write_text(json.dumps({"images": images, "annotations": anns,
+                               "categories": [{"id": 1, "name": "thing"}]}))
+    return CocoSource(ann=str(ann), images=str(img_dir))
+
+
+@pytest.fixture
+def records(tmp_path):
+    return load_records([make_coco(tmp_path)])
+
+
+def _params(**kw):
+    base = dict(patch_size=112, object_size=64, pos_shift=8, pos_scale=0.25, neg_shift=16, neg_scale=1.0,
+                neg_scale_min=-2.0, neg_scale_max=1.5, batch_size=8, pad_rgb=(128.0, 128.0, 128.0))
+    base.update(kw)
+    return SamplerParams(**base)
+
+
+def _box(mask):
+    ys, xs = np.nonzero(mask)
+    return xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+
+
+def test_positive_filter_skips_crowd_and_tiny(records):
+    s = PatchSampler(records, _params())
+    assert len(s) == 2 * len(records)  # the L and the rectangle of every image; tiny square and crowd skipped
+    assert set(s.positives[:, 1].tolist()) == {0, 1}
+
+
+def test_canonical_positive_is_centred_with_max_side_object_size(records):
+    s = PatchSampler(records, _params(pos_shift=0, pos_scale=0, flip=False))
+    b = s.batch(0, kind="mask")
+    for k in range(len(b["labels"])):
+        m = b["masks"][k].numpy()
+        x1, y1, x2, y2 = _box(m)
+        assert abs((x1 + x2) / 2 - 56) <= 1 and abs((y1 + y2) / 2 - 56) <= 1
+        assert abs(max(x2 - x1, y2 - y1) - 64) <= 1.5
+
+
+def test_jittered_positive_within_tolerances(records):
+    p = _params()
+    s = PatchSampler(records, p)
+    for t in range(0, 12, 2):
+        b = s.batch(t)
+        assert b["kind"] == "mask" and bool((b["labels"] == 1).all())
+        for k in range(len(b["labels"])):
+            x1, y1, x2, y2 = _box(b["masks"][k].numpy())
+            assert abs((x1 + x2) / 2 - 56) <= p.pos_shift + 1
+            assert abs((y1 + y2) / 2 - 56) <= p.pos_shift + 1
+            side = max(x2 - x1, y2 - y1)
+            assert 64 * 2 ** -p.pos_scale - 1.5 <= side <= 64 * 2 ** p.pos_scale + 1.5
+
+
+def test_patch_and_mask_share_the_transform_including_flip(records):
+    s = PatchSampler(records, _params())
+    flips = set()
+    for t in range(0, 10, 2):
+        b = s.batch(t)
+        for k in range(len(b["labels"])):
+            img, m = b["images"][k].numpy().astype(int), b["masks"][k].numpy()
+            flips.add(bool(b["params"][k, 4]))
+            # away from the mask edges, masked pixels have the object's colour and the others do not (objects of
+            # this image never touch, and the positive's mask holds only the centred object)
+            import scipy.ndimage as ndi
+
+            inner = ndi.binary_erosion(m, iterations=2)
+            red = (np.abs(img - OBJ_COLOUR).sum(-1) < 60)
+            assert inner.sum() > 0 and red[inner].mean() > 0.98
+    assert flips == {True, False}
+
+
+def test_flip_mirrors_the_L(records):
+    s = PatchSampler(records, _params(pos_shift=0, pos_scale=0, flip=False))
+    rng = np.random.default_rng(0)
+    cx, cy, sc, _ = s.positive_params(rng, 0, 0)
+    m = s._mask(0, 0)
+    a = warp_patch(m, cx, cy, sc, False, 112, 0.0) > 0.5
+    b = warp_patch(m, cx, cy, sc, True, 112, 0.0) > 0.5
+    assert np.array_equal(a[:, ::-1], b) or np.abs(a[:, ::-1].astype(int) - b).sum() <= 112  # 1-px rounding
+    # the L's vertical bar is on the left before the flip, on the right after it
+    assert a[:60, :56].sum() > 4 * a[:60, 56:].sum() and b[:60, 56:].sum() > 4 * b[:60, :56].sum()
+
+
+def test_negatives_obey_the_distance_rule(records):
+    p = _params(batch_size=16)
+    s = PatchSampler(records, p)
+    n = 0
+    for t in range(1, 30, 2):
+        b = s.batch(t)
+        assert b["kind"] == "score"
+        assert int((b["labels"] == 1).sum()) == int((b["labels"] == -1).sum()) == 8  # 1:1 (§3.2)
+        for k in np.flatnonzero(b["labels"].numpy() < 0):
+            ri, cx, cy, sc, _ = b["params"][k].tolist()
+            r = records[int(ri)]
+            for box in r.boxes:  # every object, crowd and tiny ones included
+                c = (box[:2] + box[2:]) / 2
+                s_obj = p.object_size / max(box[2] - box[0], box[3] - box[1])
+                shift = max(abs(cx - c[0]), abs(cy - c[1])) * sc
+                assert shift >= p.neg_shift or abs(np.log2(sc / s_obj)) >= p.neg_scale
+            assert not b["masks"][k].any()
+            n += 1
+    assert n == 15 * 8
+
+
+def test_is_negative_rule_examples(records):
+    s = PatchSampler(records, _params())
+    r = records[0]
+    j = 1  # the 40x24 rectangle, centre (140, 112), canonical scale 64/40 = 1.6
+    cx, cy = (r.boxes[j, :2] + r.boxes[j, 2:]) / 2
+    assert not s.is_negative(0, cx, cy, 1.6)  # the canonical positive itself
+    assert not s.is_negative(0, cx + 15 / 1.6, cy, 1.6)  # 15 px away in the patch
+    assert s.is_negative(0, cx + 17 / 1.6, cy, 1.6)  # 17 px away
+    assert s.is_negative(0, cx, cy, 1.6 * 2.01)  # one octave off in scale
+    assert not s.is_negative(0, cx, cy, 1.6 * 1.9)
+
+
+def test_batches_are_deterministic_and_worker_independent(records):
+    s = PatchSampler(records, _params(), seed=3)
+    a, b = s.batch(5), PatchSampler(records, _params(), seed=3).batch(5)
+    assert torch.equal(a["images"], b["images"]) and torch.equal(a["masks"], b["masks"])
+    assert not torch.equal(s.batch(6)["images"], a["images"])
+    loader = torch.utils.data.DataLoader(PatchStream(s, start=4), batch_size=None, num_workers=2)
+    got = []
+    for batch in loader:
+        got.append(batch)
+        if len(got) == 4:
+            break
+    assert [g["index"] for g in got] == [4, 5, 6, 7]
+    assert torch.equal(got[1]["images"], a["images"])
+
+
+def test_joint_mode_batches_are_balanced(records):
+    s = PatchSampler(records, _params(batch_mode="joint", batch_size=6))
+    b = s.batch(0)
+    assert b["kind"] == "joint" and int((b["labels"] > 0).sum()) == 3
+
+
+def test_patch_outside_the_image_is_padded():
+    img = np.full((20, 30, 3), 200, np.uint8)
+    p = warp_patch(img, 15, 10, 1.0, False, 64, (10.0, 20.0, 30.0))
+    assert tuple(p[0, 0]) == (10, 20, 30) and tuple(p[32, 32]) == (200, 200, 200)
+    # downscaled patch (area pre-reduction path), and a patch entirely outside the image
+    q = warp_patch(img, 15, 10, 0.25, False, 64, (10.0, 20.0, 30.0))
+    assert tuple(q[32, 32]) == (200, 200, 200) and tuple(q[0, 0]) == (10, 20, 30)
+    r = warp_patch(img, 1000, 1000, 0.25, False, 64, (10.0, 20.0, 30.0))
+    assert (r == np.array([10, 20, 30], np.uint8)).all()
+
+
+def test_mask_geometry_is_exact_for_integer_scales():
+    m = np.zeros((40, 40), np.float32)
+    m[10:20, 10:30] = 1  # 20x10 box centred at (20, 15)
+    out = warp_patch(m, 20.0, 15.0, 2.0, False, 64, 0.0) > 0.5
+    assert _box(out) == (12, 22, 52, 42)  # 40x20 centred at (32, 32)
+
+
+def test_no_positive_is_a_data_error(tmp_path, records):
+    for r in records:
+        r.iscrowd[:] = True
+    with pytest.raises(DataError, match="positive"):
+        PatchSampler(records, _params())
+
+
+def test_split_holdout_is_deterministic(records):
+    a, b = split_holdout(records, 0.34, 0)
+    a2, b2 = split_holdout(records, 0.34, 0)
+    assert [r.image_id for r in b] == [r.image_id for r in b2] and len(b) == 1 and len(a) == 2
