@@ -127,6 +127,7 @@ class DeepMaskProposer:
         canvas[self.pad:self.pad + sh, self.pad:self.pad + sw] = scaled
         return torch.from_numpy(canvas).permute(2, 0, 1).div_(255.0)
 
+    @torch.inference_mode()
     def _score_all(self, image: np.ndarray):
         """Per scale: (ex, ey, score logits (Ho, Wo) on CPU restricted to patch centres in the image, seg features
         on the device)."""
