@@ -365,7 +365,7 @@ def train_detector(cfg: Config, store, dataset, out_dir, top: int | None = None,
         bar = tqdm(total=dcfg.iters, initial=start, desc="train fast-rcnn", unit="it", disable=not progress,
                    dynamic_ncols=True)
         it = start
-        t0, n_img = time.time(), 0
+        t0, n_img, window = time.time(), 0, []
         for batch in loader:
             images = batch["images"].to(device, non_blocking=True)
             rois = batch["rois"].to(device)
@@ -387,12 +387,15 @@ def train_detector(cfg: Config, store, dataset, out_dir, top: int | None = None,
                    "num_rois": int(labels.numel()), "num_fg": int(batch["num_fg"]),
                    "lr": optimizer.param_groups[0]["lr"]}
             losses.append(rec)
+            window.append(rec)
             if it % max(1, dcfg.log_every) == 0 or it == stop:
                 dt = time.time() - t0
-                rec = dict(rec, images_per_s=n_img / max(dt, 1e-9))
-                history.append(rec)
-                t0, n_img = time.time(), 0
-                log.debug("iter %d: %s", it, rec)
+                # history: means over the iterations since the last entry (single-minibatch losses are noisy)
+                mean = {k: float(np.mean([r[k] for r in window])) for k in ("loss", "loss_cls", "loss_box",
+                                                                            "num_rois", "num_fg")}
+                history.append(dict(rec, **mean, images_per_s=n_img / max(dt, 1e-9), window=len(window)))
+                t0, n_img, window = time.time(), 0, []
+                log.debug("iter %d: %s", it, history[-1])
             bar.set_postfix(loss=f"{rec['loss']:.3f}", cls=f"{rec['loss_cls']:.3f}", box=f"{rec['loss_box']:.3f}",
                             ims=f"{history[-1]['images_per_s']:.1f}/s" if history else "-")
             bar.update(1)
