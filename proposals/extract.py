@@ -35,16 +35,13 @@ def _limit_threads() -> None:
 
 def _init_worker(factory) -> None:
     global _PROPOSER
+    # before any import that starts a thread pool (torch reads OMP_NUM_THREADS when it is imported); torch itself
+    # is only imported by proposers that need it (DeepMask), not by SelectiveSearch workers
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = "1"
-    try:
-        import torch
-
-        torch.set_num_threads(1)
-    except ImportError:  # torch is only needed by DeepMask
-        pass
-    _PROPOSER = factory()
     _limit_threads()
+    _PROPOSER = factory()
+    _limit_threads()  # torch.set_num_threads(1) / cv2.setNumThreads(1) for what the factory imported
 
 
 def _propose_one(proposer, image_id: str, path: str, top: int | None):
