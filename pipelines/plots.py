@@ -1,0 +1,69 @@
+"""Figures of the paper, drawn from the sweep's JSON: Figure 5 (mAP vs number of proposals) and Figure 4
+(average recall vs number of proposals)."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from core.io import atomic_write_bytes  # noqa: E402
+
+LABELS = {"deepmask": "DeepMask", "selective_search": "SelectiveSearch"}
+COLORS = {"deepmask": "tab:red", "selective_search": "tab:blue"}
+# The paper's Figure 5 anchors (Fast R-CNN VGG16, VOC07 test): drawn only on request, for the paper config.
+PAPER_FIG5 = {"deepmask": {100: 68.2, 500: 69.9}, "selective_search": {2000: 66.9}}
+
+
+def _save(fig, path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_figure5(rows: list[dict], path, title: str = "Fast R-CNN mAP vs number of proposals",
+                 paper: bool = False) -> None:
+    """rows: [{'method', 'N', 'mAP'}]; mAP in [0, 1], plotted in percent on a log-N axis."""
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    for method in sorted({r["method"] for r in rows}):
+        pts = sorted((r["N"], 100 * r["mAP"]) for r in rows if r["method"] == method)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=LABELS.get(method, method),
+                color=COLORS.get(method))
+        if paper and method in PAPER_FIG5:
+            ref = sorted(PAPER_FIG5[method].items())
+            ax.plot([p[0] for p in ref], [p[1] for p in ref], "x", color=COLORS.get(method), ms=9,
+                    label=f"{LABELS.get(method, method)} (paper)")
+    ax.set_xscale("log")
+    ax.set_xlabel("number of proposals per image")
+    ax.set_ylabel("mAP (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+
+
+def plot_recall(curves: dict, path, title: str = "Average recall vs number of proposals") -> None:
+    """curves: {'box': {method: {'counts': [...], 'AR': [...]}}, 'segm': {...}} -> one panel per IoU type."""
+    kinds = [k for k in ("box", "segm") if curves.get(k)]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5.0 * len(kinds), 3.8), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        for method, c in sorted(curves[kind].items()):
+            ax.plot(c["counts"], c["AR"], "-", label=LABELS.get(method, method), color=COLORS.get(method))
+        ax.set_xscale("log")
+        ax.set_xlabel("number of proposals")
+        ax.set_ylabel("average recall")
+        ax.set_title(f"{'box' if kind == 'box' else 'segmentation'} proposals", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+
+
+def ensure_dir(path) -> Path:
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True)
+    return p

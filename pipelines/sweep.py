@@ -1,0 +1,154 @@
+"""The Figure 5 sweep: test mAP of each method's Fast R-CNN with its top N proposals, for every N; and the
+Figure 4 recall curves (AR against the number of proposals, box and mask).
+
+    python -m pipelines.sweep --run runs/<name> [--counts 10,20,50,100,200,300,500,1000,2000]
+
+Reads the run's `config.yaml`, its detectors `detector_<method>/final.pt` and its test-split proposal stores
+`proposals/<method>_<test split>`; writes `sweep.json`, `sweep.csv`, `figure5.png`, `recall.json`, `recall.png`
+into the run folder. One pass over the test images per method serves every N (the detector's RoI head runs on the
+largest N once; the first N proposals' outputs are the same for any smaller N).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+from pathlib import Path
+
+from core.cli import run_main
+from core.config import Config, load_config
+from core.errors import DataError
+from core.io import atomic_write_text, write_json
+
+log = logging.getLogger(__name__)
+
+LABEL = {"deepmask": "DeepMask", "selective_search": "SelectiveSearch"}
+
+
+def parse_counts(text: str) -> list[int]:
+    try:
+        counts = sorted({int(t) for t in text.split(",") if t.strip()})
+    except ValueError:
+        raise DataError(f"--counts '{text}': expected comma-separated integers, e.g. 10,100,1000") from None
+    if not counts or counts[0] <= 0:
+        raise DataError(f"--counts '{text}': counts must be positive")
+    return counts
+
+
+def recall_curves(cfg: Config, run: Path, test_ds, methods, max_count: int, progress: bool = True) -> dict:
+    """AR vs number of proposals on the test split: boxes against the VOC boxes (difficult ignored) for every
+    method, masks against the COCO instance masks (when the dataset has them, e.g. the synthetic set) for the
+    methods that make masks."""
+    from core.store import ProposalStore
+    from proposals.recall import ProposalRecall, auc_grid, gt_from_coco, gt_from_records, results_from_store
+
+    grid = [int(c) for c in auc_grid(max_count)]
+    out: dict = {"counts": grid, "box": {}, "segm": {}, "summary": {}}
+    box_gt = gt_from_records(test_ds, test_ds.classes, name=f"{test_ds.name}:{test_ds.split}")
+    seg_json = None
+    if cfg.data.synthetic and cfg.data.synthetic_root:
+        p = Path(cfg.data.synthetic_root) / "annotations" / f"instances_{cfg.data.test_split}.json"
+        seg_json = p if p.is_file() else None
+    for method in methods:
+        store = ProposalStore.open(run / "proposals" / f"{method}_{test_ds.split}")
+        pr = ProposalRecall(box_gt, results_from_store(store, top=max_count), "bbox", max_count=max_count,
+                            progress=progress, source=str(store.path))
+        out["box"][method] = {"counts": grid, "AR": [round(float(v), 5) for v in pr.ar_curve(grid)]}
+        summ = {f"box AR@{c}": pr.ar(c) for c in (10, 100, 1000) if c <= max_count}
+        summ["box AUC"] = pr.auc()
+        if seg_json is not None and store.has_masks:
+            res = results_from_store(store, top=max_count, masks=True)
+            for r in res:  # COCO json ids are ints; the VOC ids of the same images are zero-padded strings
+                r["image_id"] = str(int(r["image_id"]))
+            sr = ProposalRecall(gt_from_coco(seg_json), res, "segm", max_count=max_count, progress=progress,
+                                source=str(store.path))
+            out["segm"][method] = {"counts": grid, "AR": [round(float(v), 5) for v in sr.ar_curve(grid)]}
+            summ.update({f"mask AR@{c}": sr.ar(c) for c in (10, 100, 1000) if c <= max_count})
+            summ["mask AUC"] = sr.auc()
+        out["summary"][method] = {k: round(float(v), 4) for k, v in summ.items()}
+    return out
+
+
+def run_sweep(run, cfg: Config | None = None, counts: list[int] | None = None, progress: bool = True) -> dict:
+    from core.datasets import VOCDataset
+    from detector.test import test_detector
+    from pipelines.plots import plot_figure5, plot_recall
+
+    run = Path(run)
+    if cfg is None:
+        if not (run / "config.yaml").is_file():
+            raise DataError(f"{run}: not a run folder (no config.yaml); run `python -m pipelines.run` first")
+        cfg = load_config(str(run / "config.yaml"))
+    counts = sorted(counts or cfg.sweep.counts)
+    test_ds = VOCDataset(cfg.data.voc, cfg.data.test_split)
+    methods = list(cfg.sweep.methods)
+    rows = []
+    for method in methods:
+        ckpt = run / f"detector_{method}" / "final.pt"
+        store = run / "proposals" / f"{method}_{test_ds.split}"
+        for p, what in ((ckpt, "trained detector"), (store / "meta.json", "test proposals")):
+            if not p.exists():
+                raise DataError(f"{p}: missing {what} of method '{method}' (run `python -m pipelines.run` first)")
+        log.info("sweep: %s detector with top %s proposals on %s", method, counts, test_ds.split)
+        res = test_detector(ckpt, store, test_ds, tops=counts, out_dir=run / "results" / method, cfg=cfg,
+                            progress=progress)
+        for n in counts:
+            r = res[n]
+            rows.append({"method": method, "N": int(n), "mAP": round(float(r["mAP"]), 5),
+                         "ap": {k: round(float(v), 5) for k, v in r["ap"].items()}})
+    recall = recall_curves(cfg, run, test_ds, methods, max(counts), progress)
+    summary = {"name": cfg.name, "test_split": test_ds.split, "dataset": test_ds.name, "counts": counts,
+               "rows": rows, "recall": recall["summary"]}
+    write_json(run / "sweep.json", summary, indent=1)
+    write_json(run / "recall.json", recall, indent=1)
+    _write_csv(run / "sweep.csv", rows)
+    plot_figure5(rows, run / "figure5.png", title=f"Fast R-CNN mAP vs proposals ({cfg.name}, {test_ds.split})")
+    plot_recall({k: recall[k] for k in ("box", "segm")}, run / "recall.png",
+                title=f"Average recall vs proposals ({cfg.name}, {test_ds.split})")
+    return summary
+
+
+def _write_csv(path, rows) -> None:
+    classes = sorted({c for r in rows for c in r["ap"]})
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["method", "N", "mAP"] + classes)
+    for r in rows:
+        w.writerow([r["method"], r["N"], f"{r['mAP']:.4f}"] + [f"{r['ap'].get(c, float('nan')):.4f}" for c in classes])
+    atomic_write_text(path, buf.getvalue())
+
+
+def format_summary(summary: dict) -> str:
+    counts = summary["counts"]
+    methods = sorted({r["method"] for r in summary["rows"]})
+    by = {(r["method"], r["N"]): r["mAP"] for r in summary["rows"]}
+    lines = [f"Fast R-CNN mAP (%) on {summary['test_split']} vs number of proposals per image"]
+    lines.append(f"{'method':<18}" + "".join(f"{n:>8}" for n in counts))
+    for m in methods:
+        lines.append(f"{LABEL.get(m, m):<18}" + "".join(f"{100 * by[m, n]:>8.1f}" for n in counts))
+    lines.append("")
+    lines.append("Proposal recall on the test split (COCO-style AR, IoU .5:.95)")
+    keys = sorted({k for v in summary["recall"].values() for k in v})
+    lines.append(f"{'method':<18}" + "".join(f"{k:>14}" for k in keys))
+    for m in methods:
+        vals = summary["recall"].get(m, {})
+        lines.append(f"{LABEL.get(m, m):<18}" + "".join(
+            f"{vals[k]:>14.3f}" if k in vals else f"{'-':>14}" for k in keys))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipelines.sweep", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", required=True, help="run folder, e.g. runs/shapes")
+    ap.add_argument("--counts", type=parse_counts, default=None,
+                    help="proposal counts, e.g. 10,20,50,100,200,300,500,1000,2000 (default: the config's)")
+    args = ap.parse_args(argv)
+    summary = run_sweep(args.run, counts=args.counts)
+    print(format_summary(summary))
+    print(f"wrote {Path(args.run) / 'figure5.png'}, sweep.json, sweep.csv, recall.png, recall.json")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
