@@ -73,7 +73,7 @@ class DeepMaskConfig:
     score_hidden: list[int] = field(default_factory=lambda: [512, 1024])  # score FC layers (§3.4)
     dropout: float = 0.5
     # training data (§3.2, §3.4; official DataSampler for the filters)
-    categories: list[str] = field(default_factory=list)  # empty = all; e.g. the 20 PASCAL classes (DeepMask20)
+    categories: list[str] = field(default_factory=list)  # empty = all; [pascal] = the 20 PASCAL classes (DeepMask20)
     train_sets: list[CocoSource] = field(default_factory=list)
     val_sets: list[CocoSource] = field(default_factory=list)  # empty: hold out val_fraction of the train images
     val_fraction: float = 0.05

@@ -131,9 +131,14 @@ def warp_patch(src: np.ndarray, cx: float, cy: float, s: float, flip: bool, size
 
 # ------------------------------------------------------------------------------------------------ records
 def load_records(sources, categories=None) -> list:
-    """Records (core.datasets.Record) of every image of the given COCO sources (list of CocoSource)."""
+    """Records (core.datasets.Record) of every image of the given COCO sources (list of CocoSource), keeping only
+    objects of ``categories`` (COCO names; ``['pascal']`` = the 20 PASCAL classes, DeepMask20) when given."""
     from core.datasets import CocoDataset
 
+    if categories and list(categories) == ["pascal"]:  # shorthand for DeepMask20 (§4 "Generalization")
+        from .model import COCO_PASCAL_CATEGORIES
+
+        categories = list(COCO_PASCAL_CATEGORIES)
     records = []
     for src in sources:
         if not src.ann or not src.images:
