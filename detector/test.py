@@ -180,7 +180,8 @@ def test_detector(model_or_ckpt, store, dataset, tops: list[int], out_dir, cfg=N
 
     data = _TestImages(dataset, store, max_top, dcfg.test_scale, dcfg.max_size, model.mean, model.std)
     loader = DataLoader(data, batch_size=1, shuffle=False, num_workers=min(dcfg.workers, len(data)),
-                        collate_fn=_first, worker_init_fn=_worker_init if dcfg.workers else None)
+                        collate_fn=_first, worker_init_fn=_worker_init if dcfg.workers else None,
+                        multiprocessing_context="spawn" if dcfg.workers else None)  # fork can deadlock
     per_top = {n: {} for n in tops}  # N -> {image_id: (boxes, scores, labels)}
     n_props = {n: 0 for n in tops}
     timing = {"trunk": 0.0, "head": 0.0, "post": 0.0}

@@ -358,6 +358,8 @@ def train_detector(cfg: Config, store, dataset, out_dir, top: int | None = None,
     if start < stop:
         loader = DataLoader(stream, batch_size=B, sampler=PositionSampler(start * B, stop * B), collate_fn=collate,
                             num_workers=dcfg.workers, worker_init_fn=_worker_init if dcfg.workers else None,
+                            # spawn: forking a parent that holds OpenMP/OpenCV thread pools can deadlock
+                            multiprocessing_context="spawn" if dcfg.workers else None,
                             prefetch_factor=4 if dcfg.workers else None, persistent_workers=False,
                             # own generator: creating the loader must not consume the global RNG (exact resume)
                             generator=torch.Generator().manual_seed(cfg.seed))

@@ -242,7 +242,9 @@ def train_deepmask(cfg: Config, out_dir, progress: bool = True, resume: bool = T
         loader = torch.utils.data.DataLoader(
             PatchStream(train_sampler, start), batch_size=None, num_workers=dm.workers,
             generator=torch.Generator().manual_seed(cfg.seed), persistent_workers=False,
-            prefetch_factor=4 if dm.workers > 0 else None)
+            prefetch_factor=4 if dm.workers > 0 else None,
+            # spawn: forking a parent that holds OpenMP/OpenCV thread pools can deadlock
+            multiprocessing_context="spawn" if dm.workers > 0 else None)
         bar = tqdm(total=dm.iters, initial=start, desc="deepmask", unit="it", disable=not progress, dynamic_ncols=True)
         run = {}
         t0, n_patches = time.time(), 0
