@@ -180,12 +180,12 @@ def main(argv=None) -> int:
     failed = 0
     from tqdm import tqdm
 
-    for path in tqdm(images, desc="detect", unit="img", disable=len(images) < 2):
+    for path in tqdm(images, desc="detect", unit="img", disable=len(images) < 2 or not sys.stderr.isatty()):
         try:
             image, det, masks, n_props = detect_file(path, proposer, model, classes, dcfg, top, args.max_side,
                                                      args.show_masks)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
+            tqdm.write(f"error: {e}", file=sys.stderr)  # on its own line, above the progress bar
             failed += 1
             continue
         h, w = image.shape[:2]

@@ -1,0 +1,121 @@
+"""End to end: the whole experiment on a tiny synthetic config, every artefact checked; rerun skips every stage;
+pipelines.detect on the run's models."""
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = [
+    "data.synthetic_trainval=6", "data.synthetic_test=4", "data.synthetic_size=128",
+    "deepmask.iters=4", "deepmask.batch_size=8", "deepmask.val_every=2", "deepmask.val_batches=1",
+    "deepmask.checkpoint_every=2", "deepmask.workers=0", "deepmask.top_n=150", "deepmask.scale_min=-1",
+    "ss.workers=1", "ss.top_n=150",
+    "detector.iters=4", "detector.checkpoint_every=2", "detector.lr_steps=[3]", "detector.workers=0",
+    "detector.scales=[128]", "detector.test_scale=128", "sweep.counts=[10,100]",
+]
+
+
+def _run(args, cwd):
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=900,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    work = tmp_path_factory.mktemp("e2e")
+    sets = [a for s in TINY + [f"out_dir={work / 'runs'}", "name=tiny"] for a in ("--set", s)]
+    t0 = time.time()
+    p = _run(["pipelines.run", "--config", str(ROOT / "configs/shapes.yaml"), "--quiet", *sets], work)
+    assert p.returncode == 0, p.stderr[-3000:]
+    first = time.time() - t0
+    t0 = time.time()
+    p2 = _run(["pipelines.run", "--config", str(ROOT / "configs/shapes.yaml"), "--quiet", *sets], work)
+    assert p2.returncode == 0, p2.stderr[-3000:]
+    return work / "runs" / "tiny", p.stdout, p2, first, time.time() - t0
+
+
+def test_artefacts_are_well_formed(run_dir):
+    run, stdout, _, _, _ = run_dir
+    for name in ("config.yaml", "figure5.png", "recall.png", "sweep.json", "sweep.csv", "recall.json",
+                 "deepmask/best.pt", "detector_deepmask/final.pt", "detector_selective_search/final.pt"):
+        assert (run / name).is_file(), name
+    for name in ("figure5.png", "recall.png"):
+        im = Image.open(run / name)
+        assert im.size[0] > 300 and im.size[1] > 200
+    summary = json.loads((run / "sweep.json").read_text())
+    rows = summary["rows"]
+    assert {(r["method"], r["N"]) for r in rows} == {(m, n) for m in ("deepmask", "selective_search")
+                                                    for n in (10, 100)}
+    for r in rows:
+        assert 0.0 <= r["mAP"] <= 1.0
+        assert set(r["ap"]) >= {"aeroplane", "bicycle", "bird", "boat", "bottle", "car"} & set(r["ap"])
+        present = [v for v in r["ap"].values()]
+        assert all(0.0 <= v <= 1.0 for v in present)
+    with open(run / "sweep.csv") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == 4 and {r["method"] for r in csv_rows} == {"deepmask", "selective_search"}
+    recall = json.loads((run / "recall.json").read_text())
+    for m in ("deepmask", "selective_search"):
+        ar = recall["box"][m]["AR"]
+        assert len(ar) == len(recall["counts"]) and all(0 <= v <= 1 for v in ar)
+        assert all(b >= a - 1e-9 for a, b in zip(ar, ar[1:])), "AR must not decrease with more proposals"
+    assert "deepmask" in recall["segm"] and "selective_search" not in recall["segm"]
+    # per-N devkit result files of the sweep
+    for m in ("deepmask", "selective_search"):
+        files = list((run / "results" / m).rglob("comp4_det_test_*.txt"))
+        assert len(files) >= 2 * 6
+    # the proposal stores: ranked, inside the images, DeepMask with masks
+    from core.store import ProposalStore
+
+    dm = ProposalStore.open(run / "proposals" / "deepmask_test")
+    assert dm.has_masks and len(dm.image_ids) == 4
+    p = dm.get(dm.image_ids[0])
+    assert len(p) > 0 and np.all(np.diff(p.scores) <= 1e-6)
+    ss = ProposalStore.open(run / "proposals" / "selective_search_trainval")
+    assert len(ss.image_ids) == 6 and not ss.has_masks
+    assert "SelectiveSearch" in stdout and "DeepMask" in stdout
+
+
+def test_second_run_skips_every_stage(run_dir):
+    _, _, p2, first, second = run_dir
+    assert p2.stderr.count("skipped (done for this config)") == 8, p2.stderr[-2000:]
+    assert "running" not in p2.stderr
+    assert second < first
+
+
+def test_detect_on_run(run_dir, tmp_path):
+    run = run_dir[0]
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (90, 140, 3), dtype=np.uint8)).save(imgs / "photo.jpg")
+    Image.fromarray(rng.integers(0, 255, (60, 80), dtype=np.uint8)).save(imgs / "grey.png")
+    rgba = rng.integers(0, 255, (70, 50, 4), dtype=np.uint8)
+    Image.fromarray(rgba).save(imgs / "rgba.png")
+    out = tmp_path / "out"
+    p = _run(["pipelines.detect", "--run", str(run), str(imgs), "--out", str(out), "--show-masks",
+              "--score-thresh", "0"], tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    for stem, (h, w) in {"photo": (90, 140), "grey": (60, 80), "rgba": (70, 50)}.items():
+        rec = json.loads((out / f"{stem}.json").read_text())
+        assert (rec["width"], rec["height"]) == (w, h) and rec["method"] == "deepmask"
+        for d in rec["detections"]:
+            x1, y1, x2, y2 = d["box"]
+            assert 0 <= x1 <= x2 <= w and 0 <= y1 <= y2 <= h and 0 <= d["score"] <= 1
+        assert Image.open(out / f"{stem}.png").size == (w, h)
+    Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(imgs / "one.png")
+    (imgs / "text.jpg").write_text("not an image")
+    p = _run(["pipelines.detect", "--run", str(run), str(imgs / "one.png"), str(imgs / "text.jpg"),
+              "--out", str(out), "--method", "selective_search"], tmp_path)
+    assert p.returncode == 2
+    errs = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert any("one.png" in e and "1x1" in e for e in errs) and any("text.jpg" in e for e in errs)
+    assert "Traceback" not in p.stderr
