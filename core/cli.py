@@ -30,13 +30,28 @@ def setup_logging(verbose: bool = False) -> None:
     )
 
 
+def user_message(e: BaseException) -> str:
+    """The message of a UserError as one line.
+
+    A UserError raised in a DataLoader worker process is re-raised in the main process with the worker's traceback
+    inside its message ("Caught ImageError in DataLoader worker process 0.\nOriginal Traceback ...\n
+    core.errors.ImageError: <message>"): only the original message is kept. Line breaks become spaces."""
+    msg = str(e)
+    if "\nOriginal Traceback" in msg:
+        prefix = f"{type(e).__module__}.{type(e).__qualname__}: "
+        k = msg.rfind(prefix)
+        if k >= 0:
+            msg = msg[k + len(prefix):]
+    return " ".join(ln.strip() for ln in msg.splitlines() if ln.strip())
+
+
 def run_main(fn: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
-    """Run an entry point: UserError -> 'error: <message>' on stderr, exit 2; Ctrl-C -> exit 130."""
+    """Run an entry point: UserError -> 'error: <message>' (one line) on stderr, exit 2; Ctrl-C -> exit 130."""
     setup_logging()
     try:
         rc = fn(argv)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {user_message(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted; finished work is kept, run the same command again to resume", file=sys.stderr)

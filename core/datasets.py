@@ -80,6 +80,69 @@ def segmentation_to_rle(seg, h: int, w: int, image_id="?", mask_utils=None) -> d
     return rle
 
 
+# ------------------------------------------------------------------------------------------------ EXIF orientation
+# Images load EXIF-oriented (core.images.load_image, as PIL/torchvision users see them). An annotation made on the
+# pixels as stored on disk (VOC-era tools, COCO's json) is recognised by its <size> / width, height: it equals the
+# stored W x H but not the displayed H x W (EXIF orientations 5-8 swap the sides). Such an annotation is mapped into
+# the displayed image here, once, so every stage sees boxes and masks on the pixels it loads. When the size cannot
+# tell (orientations 2-4 keep the size, square images, no size given) the annotation is taken to be on the displayed
+# image, the loader's convention.
+_EXIF_TRANSPOSE = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_270",
+                   7: "TRANSVERSE", 8: "ROTATE_90"}  # PIL ImageOps.exif_transpose
+
+
+def orient_points(x, y, orientation: int, width: int, height: int):
+    """Points (x, y) on the stored ``width`` x ``height`` pixels -> the EXIF-oriented image (continuous coords)."""
+    W, H = float(width), float(height)
+    return {1: (x, y), 2: (W - x, y), 3: (W - x, H - y), 4: (x, H - y), 5: (y, x), 6: (H - y, x),
+            7: (H - y, W - x), 8: (y, W - x)}[int(orientation)]
+
+
+def orient_boxes(boxes, orientation: int, width: int, height: int) -> np.ndarray:
+    """Boxes (0-based edges) on the stored ``width`` x ``height`` pixels -> the same boxes on the oriented image."""
+    b = np.asarray(boxes, np.float32).reshape(-1, 4)
+    xa, ya = orient_points(b[:, 0], b[:, 1], orientation, width, height)
+    xb, yb = orient_points(b[:, 2], b[:, 3], orientation, width, height)
+    return np.stack([np.minimum(xa, xb), np.minimum(ya, yb), np.maximum(xa, xb), np.maximum(ya, yb)],
+                    axis=1).astype(np.float32)
+
+
+def orient_segmentation(seg, orientation: int, width: int, height: int, image_id="?"):
+    """A COCO segmentation on the stored pixels -> the oriented image (polygons mapped, RLE masks transposed)."""
+    if int(orientation) == 1:
+        return seg
+    if isinstance(seg, list):
+        out = []
+        for poly in seg:
+            p = np.asarray(poly, np.float64).reshape(-1)
+            if len(p) % 2 or len(p) < 6:
+                out.append(list(poly))  # degenerate: stays an empty mask (segmentation_to_rle)
+                continue
+            x, y = orient_points(p[0::2], p[1::2], orientation, width, height)
+            out.append(np.stack([x, y], 1).reshape(-1).tolist())
+        return out
+    from PIL import Image
+    from pycocotools import mask as mask_utils
+
+    m = mask_utils.decode(segmentation_to_rle(seg, height, width, image_id, mask_utils))
+    t = np.asarray(Image.fromarray(m).transpose(getattr(Image.Transpose, _EXIF_TRANSPOSE[int(orientation)])))
+    rle = mask_utils.encode(np.asfortranarray(t.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def annotation_orientation(path, ann_width: int, ann_height: int) -> int:
+    """The EXIF orientation to apply to an annotation of ``ann_width`` x ``ann_height`` of image ``path``: the
+    image's orientation when the annotation is on the stored pixels (its size is the stored size, and the displayed
+    size differs), else 1 (already on the displayed image; see the comment above)."""
+    from .images import raw_size_and_orientation
+
+    w, h, orient = raw_size_and_orientation(path)
+    if orient in (5, 6, 7, 8) and w != h and (ann_width, ann_height) == (w, h):
+        return orient
+    return 1
+
+
 # ---------------------------------------------------------------------------------------------------- VOC
 def _text(node, tag, xml_path):
     el = node.find(tag)
@@ -106,12 +169,15 @@ def parse_voc_xml(xml_path, classes=VOC_CLASSES, image_dir=None, image_id=None) 
     try:
         width = int(float(_text(size, "width", xml_path))) if size is not None else 0
         height = int(float(_text(size, "height", xml_path))) if size is not None else 0
-    except ValueError:
+    except (ValueError, OverflowError):  # not a number, nan, inf
         width = height = 0
+    orientation = 1
     if width <= 0 or height <= 0:  # size missing or zero in the XML: read the image header
         from .images import image_size
 
         width, height = image_size(path)
+    else:  # annotated on the stored pixels of an EXIF-rotated photo? (see orient_boxes)
+        orientation = annotation_orientation(path, width, height)
     cls_index = {c: i for i, c in enumerate(classes)}
     boxes, labels, difficult = [], [], []
     for k, obj in enumerate(root.findall("object")):
@@ -125,21 +191,35 @@ def parse_voc_xml(xml_path, classes=VOC_CLASSES, image_dir=None, image_id=None) 
             x1, y1, x2, y2 = (float(_text(bb, t, xml_path)) for t in ("xmin", "ymin", "xmax", "ymax"))
         except ValueError as e:
             raise DataError(f"{xml_path}: object {k} ('{name}') has a non-numeric box ({e})") from None
+        if not all(map(np.isfinite, (x1, y1, x2, y2))):
+            raise DataError(f"{xml_path}: object {k} ('{name}') has a non-finite box coordinate")
         if x1 > x2 or y1 > y2:
             raise DataError(f"{xml_path}: object {k} ('{name}') has xmin > xmax or ymin > ymax")
         box = np.array([x1 - 1, y1 - 1, x2, y2], np.float32)  # 1-based inclusive -> 0-based edges
         clipped = np.clip(box, 0, [width, height, width, height]).astype(np.float32)
         if not np.array_equal(clipped, box):
+            if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:  # nothing of it inside the image: skip it
+                log.warning("%s: object %d ('%s') box %s lies outside the %dx%d image, skipped", xml_path, k,
+                            name, box.tolist(), width, height)
+                continue
             log.warning("%s: object %d ('%s') box %s outside the %dx%d image, clipped", xml_path, k, name,
                         box.tolist(), width, height)
         boxes.append(clipped)
         labels.append(cls_index[name])
-        d = obj.findtext("difficult")
-        difficult.append(bool(int(d)) if d and d.strip().isdigit() else False)
+        d = (obj.findtext("difficult") or "").strip()
+        try:
+            difficult.append(bool(int(d)) if d else False)
+        except ValueError:  # 'true' / 'false' from some tools; anything else: not difficult
+            difficult.append(d.lower() == "true")
+    boxes = np.array(boxes, np.float32).reshape(-1, 4)
+    if orientation != 1:
+        log.debug("%s: annotated on the stored pixels of an EXIF-rotated image (orientation %d); boxes rotated",
+                  xml_path, orientation)
+        boxes = orient_boxes(boxes, orientation, width, height)
+        width, height = height, width
     return Record(
         image_id=image_id, path=str(path), width=width, height=height,
-        boxes=np.array(boxes, np.float32).reshape(-1, 4), labels=np.array(labels, np.int64),
-        difficult=np.array(difficult, bool),
+        boxes=boxes, labels=np.array(labels, np.int64), difficult=np.array(difficult, bool),
     )
 
 
@@ -263,6 +343,11 @@ class CocoDataset:
             segs.append(a.get("segmentation", []))
         boxes = np.array(boxes, np.float32).reshape(-1, 4)
         crowd = np.array(crowd, bool)
+        orientation = annotation_orientation(path, w, h)  # annotated on the stored pixels of a rotated photo?
+        if orientation != 1:
+            boxes = orient_boxes(boxes, orientation, w, h)
+            segs = [orient_segmentation(s, orientation, w, h, image_id) for s in segs]
+            w, h = h, w
         return Record(
             image_id=image_id, path=str(path), width=w, height=h, boxes=boxes,
             labels=np.array(labels, np.int64), difficult=crowd.copy(), iscrowd=crowd, segmentations=segs,

@@ -63,6 +63,18 @@ def load_image(path) -> np.ndarray:
     return np.asarray(open_image(path))
 
 
+def raw_size_and_orientation(path) -> tuple[int, int, int]:
+    """(width, height) as stored on disk (before EXIF orientation) and the EXIF orientation tag (1 = none), from the
+    header only; (0, 0, 1) when the file cannot be read (loading it later raises the ImageError)."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            orient = int(im.getexif().get(0x0112, 1) or 1)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError):
+        return 0, 0, 1
+    return w, h, orient if 1 <= orient <= 8 else 1
+
+
 def image_size(path) -> tuple[int, int]:
     """(width, height) after EXIF orientation, reading only the header."""
     path = Path(path)

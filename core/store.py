@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import shutil
+import zipfile
 from dataclasses import dataclass
 from hashlib import sha1
 from pathlib import Path
@@ -187,8 +188,8 @@ class ProposalStore:
                     blob = z["mask_counts"][: off[n]].tobytes()
                     h, w = (int(v) for v in z["mask_size"])
                     rles = [{"size": [h, w], "counts": blob[off[i]:off[i + 1]].decode("ascii")} for i in range(n)]
-        except (OSError, ValueError, KeyError) as e:
-            raise DataError(f"{f}: corrupt proposal file of image '{image_id}' ({e})") from None
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # truncated or foreign file
+            raise DataError(f"{f}: corrupt proposal file of image '{image_id}' ({type(e).__name__}: {e})") from None
         if not (np.isfinite(boxes).all() and np.isfinite(scores).all()):
             raise DataError(f"{f}: proposals of image '{image_id}' contain NaN or infinite values")
         return Proposals(boxes.astype(np.float32, copy=False), scores.astype(np.float32, copy=False), rles)

@@ -50,17 +50,21 @@ def main(argv: list[str] | None = None) -> int:
     from core.io import load_checkpoint
     from detector.test import test_detector
 
-    ckpt = load_checkpoint(args.checkpoint)
-    if "config" not in ckpt:
-        from core.errors import CheckpointError
+    from core.errors import CheckpointError
 
-        raise CheckpointError(f"{args.checkpoint}: not a Fast R-CNN checkpoint (no 'config')")
+    ckpt = load_checkpoint(args.checkpoint)
+    missing = [k for k in ("model", "config", "classes") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{args.checkpoint}: not a Fast R-CNN checkpoint (no {', '.join(map(repr, missing))})")
     cfg = from_dict(apply_overrides(ckpt["config"], args.overrides))
     voc = args.voc or cfg.data.voc
     if not voc:
         raise ConfigError("--voc: no dataset given and the checkpoint's config has no data.voc")
     dataset = VOCDataset(voc, args.split or cfg.data.test_split)
-    res = test_detector(ckpt, args.proposals, dataset, tops, args.out, cfg=cfg, progress=not args.no_progress)
+    try:
+        res = test_detector(ckpt, args.proposals, dataset, tops, args.out, cfg=cfg, progress=not args.no_progress)
+    except CheckpointError as e:  # the library names a checkpoint given as a dict '<checkpoint>': name the file
+        raise CheckpointError(str(e).replace("<checkpoint>", str(args.checkpoint), 1)) from None
     print(json.dumps({"mAP": {str(n): r["mAP"] for n, r in res.items()},
                       "mAP_all": {str(n): r["mAP_all"] for n, r in res.items()},
                       "ap": {str(n): r["ap"] for n, r in res.items()}, "out": args.out}))
