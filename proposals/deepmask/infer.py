@@ -109,8 +109,8 @@ class DeepMaskProposer:
 
     # ------------------------------------------------------------------------------------------ scales
     def _canvas(self, image: np.ndarray, e: float):
-        """Scaled image (scale e) padded on every side, as (3, Hc, Wc) float in [0,1]; with the exact per-axis
-        scales and the scaled size."""
+        """The image resized by ~e (area averaging when shrinking), its exact per-axis scales (sw/w, sh/h), its size
+        (sw, sh), and the padded canvas size (Hc, Wc): pad on every side, at least one patch, a multiple of 16."""
         h, w = image.shape[:2]
         sw, sh = max(1, int(round(w * e))), max(1, int(round(h * e)))
         interp = cv2.INTER_AREA if e < 1 else cv2.INTER_LINEAR
@@ -136,7 +136,7 @@ class DeepMaskProposer:
         if self.dm.max_image_side and max(h, w) > self.dm.max_image_side:
             base = self.dm.max_image_side / max(h, w)
         plans = [self._canvas(image, base * s) for s in self.scales]
-        model, f = self.model, self.model.feat_size
+        model = self.model
         outs = []
 
         def heads(feat, plan):
