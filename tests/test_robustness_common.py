@@ -57,7 +57,7 @@ def run_entry(module: str, argv: list, env: dict | None = None) -> Result:
 def subprocess_env(**extra) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("OMP_NUM_THREADS", "1")
+    env["OMP_NUM_THREADS"] = "1"  # the in-process reference runs use torch.set_num_threads(1): same sums
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
