@@ -83,28 +83,31 @@ def test_positive_filter_skips_crowd_and_tiny(records):
     assert set(s.positives[:, 1].tolist()) == {0, 1}
 
 
-def test_canonical_positive_is_centred_with_max_side_object_size(records):
-    s = PatchSampler(records, _params(pos_shift=0, pos_scale=0, flip=False))
+@pytest.mark.parametrize("patch,obj", [(112, 64), (224, 128)])
+def test_canonical_positive_is_centred_with_max_side_object_size(records, patch, obj):
+    s = PatchSampler(records, _params(patch_size=patch, object_size=obj, pos_shift=0, pos_scale=0, flip=False))
     b = s.batch(0, kind="mask")
     for k in range(len(b["labels"])):
         m = b["masks"][k].numpy()
         x1, y1, x2, y2 = _box(m)
-        assert abs((x1 + x2) / 2 - 56) <= 1 and abs((y1 + y2) / 2 - 56) <= 1
-        assert abs(max(x2 - x1, y2 - y1) - 64) <= 1.5
+        assert abs((x1 + x2) / 2 - patch / 2) <= 1 and abs((y1 + y2) / 2 - patch / 2) <= 1
+        assert abs(max(x2 - x1, y2 - y1) - obj) <= 1.5
 
 
-def test_jittered_positive_within_tolerances(records):
-    p = _params()
+@pytest.mark.parametrize("patch,obj,shift", [(112, 64, 8), (224, 128, 16)])
+def test_jittered_positive_within_tolerances(records, patch, obj, shift):
+    # §3.4: +-16 px shift and 2^(+-1/4) scale for the paper's 224 / 128 (and scaled-down values for 112 / 64)
+    p = _params(patch_size=patch, object_size=obj, pos_shift=shift)
     s = PatchSampler(records, p)
     for t in range(0, 12, 2):
         b = s.batch(t)
         assert b["kind"] == "mask" and bool((b["labels"] == 1).all())
         for k in range(len(b["labels"])):
             x1, y1, x2, y2 = _box(b["masks"][k].numpy())
-            assert abs((x1 + x2) / 2 - 56) <= p.pos_shift + 1
-            assert abs((y1 + y2) / 2 - 56) <= p.pos_shift + 1
+            assert abs((x1 + x2) / 2 - patch / 2) <= p.pos_shift + 1
+            assert abs((y1 + y2) / 2 - patch / 2) <= p.pos_shift + 1
             side = max(x2 - x1, y2 - y1)
-            assert 64 * 2 ** -p.pos_scale - 1.5 <= side <= 64 * 2 ** p.pos_scale + 1.5
+            assert obj * 2 ** -p.pos_scale - 1.5 <= side <= obj * 2 ** p.pos_scale + 1.5
 
 
 def test_patch_and_mask_share_the_transform_including_flip(records):
