@@ -133,8 +133,8 @@ def test_flip_mirrors_the_L(records):
     rng = np.random.default_rng(0)
     cx, cy, sc, _ = s.positive_params(rng, 0, 0)
     m = s._mask(0, 0)
-    a = warp_patch(m, cx, cy, sc, False, 112, 0.0) > 0.5
-    b = warp_patch(m, cx, cy, sc, True, 112, 0.0) > 0.5
+    a = warp_patch(m, cx, cy, sc, False, 112, 0.0) >= 128
+    b = warp_patch(m, cx, cy, sc, True, 112, 0.0) >= 128
     assert np.array_equal(a[:, ::-1], b) or np.abs(a[:, ::-1].astype(int) - b).sum() <= 112  # 1-px rounding
     # the L's vertical bar is on the left before the flip, on the right after it
     assert a[:60, :56].sum() > 4 * a[:60, 56:].sum() and b[:60, 56:].sum() > 4 * b[:60, :56].sum()

@@ -225,7 +225,7 @@ class PatchSampler:
 
             r = self.records[ri]
             rle = segmentation_to_rle(r.segmentations[j], r.height, r.width, r.image_id)
-            m = mask_utils.decode(rle).astype(np.float32)
+            m = mask_utils.decode(rle) * np.uint8(255)  # uint8 0/255: 4x less cache than float, same warp
             e["masks"][j] = m
         return m
 
@@ -292,7 +292,7 @@ class PatchSampler:
                 ri, j = self.positives[rng.integers(len(self.positives))]
                 cx, cy, s, flip = self.positive_params(rng, int(ri), int(j))
                 obj_mask = self._mask(int(ri), int(j))
-                masks[k] = warp_patch(obj_mask, cx, cy, s, flip, size, 0.0) > 0.5
+                masks[k] = warp_patch(obj_mask, cx, cy, s, flip, size, 0.0) >= 128  # bilinear value >= 0.5
                 labels[k] = 1.0
             else:
                 ri, cx, cy, s, flip = self.negative_params(rng)
