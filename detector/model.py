@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 class FastRCNN(nn.Module):
     def __init__(self, trunk: nn.Module, num_classes: int, fc6: nn.Module, fc7: nn.Module, fc_dim: int,
-                 dropout: float = 0.5, roi_size: int = 7, freeze_bn: bool = False):
+                 dropout: float = 0.5, roi_size: int = 7):
         super().__init__()
         self.trunk = trunk
         self.num_classes = int(num_classes)  # object classes, background excluded
@@ -42,12 +42,6 @@ class FastRCNN(nn.Module):
         nn.init.zeros_(self.cls_score.bias)
         nn.init.normal_(self.bbox_pred.weight, 0.0, 0.001)
         nn.init.zeros_(self.bbox_pred.bias)
-        self.freeze_bn = bool(freeze_bn)
-        if self.freeze_bn:
-            for m in self.trunk.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    for p in m.parameters():
-                        p.requires_grad_(False)
 
     @property
     def mean(self):
@@ -56,16 +50,6 @@ class FastRCNN(nn.Module):
     @property
     def std(self):
         return self.trunk.std
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if mode and self.freeze_bn:
-            # 2 images per batch are too few for batch statistics: keep a pretrained trunk's BN frozen (as
-            # torchvision detection's FrozenBatchNorm2d / py-faster-rcnn's ResNet models).
-            for m in self.trunk.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
-        return self
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """(B,3,H,W) normalised images -> (B,C,~H/16,~W/16) feature maps."""
@@ -115,11 +99,15 @@ def truncated_svd_linear(layer: nn.Module, rank: int) -> nn.Module:
     return nn.Sequential(first, second).to(layer.weight.device)
 
 
-def build_detector(dcfg, num_classes: int, pretrained: str | None = None) -> FastRCNN:
+def build_detector(dcfg, num_classes: int, pretrained: str | None = None, frozen_bn: bool | None = None) -> FastRCNN:
     """Build Fast R-CNN from a DetectorConfig. ``pretrained`` overrides ``dcfg.pretrained`` (pass '' when the
-    weights come from a checkpoint, so no ImageNet file is needed)."""
+    weights come from a checkpoint, so no ImageNet file is needed). ``frozen_bn``: BatchNorm of the trunk replaced by
+    frozen affine layers (default: core.backbones' choice -- pretrained efficientnet_lite0 / resnet50 -- unless
+    ``dcfg.freeze_bn`` is false); 2 images per minibatch are too few for batch statistics."""
     pretrained = dcfg.pretrained if pretrained is None else pretrained
-    trunk = build_trunk(dcfg.trunk, pretrained)
+    if frozen_bn is None and not dcfg.freeze_bn:
+        frozen_bn = False
+    trunk = build_trunk(dcfg.trunk, pretrained, frozen_bn=frozen_bn)
     in_dim = trunk.out_channels * dcfg.roi_size * dcfg.roi_size
     if dcfg.trunk == "vgg16" and dcfg.fc_dim == 4096 and dcfg.roi_size == 7:
         # fc6/fc7 of VGG16, from its ImageNet classifier when pretrained (paper Sec. 2.2)
@@ -133,8 +121,7 @@ def build_detector(dcfg, num_classes: int, pretrained: str | None = None) -> Fas
         for fc in (fc6, fc7):
             nn.init.kaiming_normal_(fc.weight, nonlinearity="relu")
             nn.init.zeros_(fc.bias)
-    model = FastRCNN(trunk, num_classes, fc6, fc7, dcfg.fc_dim, dropout=dcfg.dropout, roi_size=dcfg.roi_size,
-                     freeze_bn=bool(dcfg.freeze_bn and pretrained))
+    model = FastRCNN(trunk, num_classes, fc6, fc7, dcfg.fc_dim, dropout=dcfg.dropout, roi_size=dcfg.roi_size)
     if dcfg.freeze_early:
         frozen = freeze_early_layers(trunk, dcfg.trunk)
         if frozen:

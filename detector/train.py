@@ -21,6 +21,7 @@ process (dropout).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -35,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from core.config import Config, save_config, section_hash, to_dict
-from core.errors import CheckpointError, ConfigError, DataError
+from core.errors import CheckpointError, ConfigError, DataError, UserError, is_out_of_memory
 from core.images import load_image
 from core.io import atomic_torch_save, load_checkpoint, write_json
 
@@ -264,15 +265,35 @@ def load_detector(ckpt, device: str = "cpu") -> tuple[FastRCNN, dict]:
         if k not in ckpt:
             raise CheckpointError(f"{path}: not a Fast R-CNN checkpoint (missing '{k}')")
     cfg = from_dict(ckpt["config"])
-    model = build_detector(cfg.detector, len(ckpt["classes"]), pretrained="")
+    sd = ckpt["model"]
+    # a trunk trained with frozen BatchNorm (FrozenBatchNorm2d: no num_batches_tracked) is rebuilt the same way
+    frozen = not any(k.startswith("trunk.") and k.endswith("num_batches_tracked") for k in sd) and \
+        any(k.startswith("trunk.") and k.endswith("running_mean") for k in sd)
+    model = build_detector(cfg.detector, len(ckpt["classes"]), pretrained="", frozen_bn=frozen)
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(sd)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit the detector in its config ({str(e).splitlines()[0]})")
+    if "trunk_norm" in ckpt:  # input normalisation depends on the weights loaded at train time (e.g. Caffe VGG16)
+        model.trunk.mean, model.trunk.std = (tuple(v) for v in ckpt["trunk_norm"])
     return model.to(device).eval(), ckpt
 
 
 # ------------------------------------------------------------------------------------------------------- loop
+@contextlib.contextmanager
+def _name_out_of_memory(it: int, batch: dict, images: torch.Tensor, dcfg):
+    """Out of memory in a training step -> a UserError naming the iteration, the images and the settings."""
+    try:
+        yield
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        raise UserError(f"iteration {it}: out of memory ({type(e).__name__}) on images {batch['image_ids']} "
+                        f"(batch {images.shape[3]}x{images.shape[2]} px); lower detector.max_size (now "
+                        f"{dcfg.max_size}) or detector.scales (now {dcfg.scales}), or detector.ims_per_batch / "
+                        "detector.batch_rois") from None
+
+
 def train_detector(cfg: Config, store, dataset, out_dir, top: int | None = None,
                    stop_after: int | None = None, progress: bool = True) -> dict:
     """Train Fast R-CNN on ``dataset`` with proposals from ``store`` (a ProposalStore path), writing checkpoints
@@ -341,11 +362,19 @@ def train_detector(cfg: Config, store, dataset, out_dir, top: int | None = None,
              "%d images x %d RoIs, top %s proposals", dcfg.trunk, len(entries), stream.per_epoch, start, stop, B,
              dcfg.batch_rois // B, top or "all")
 
+    norm = [list(model.trunk.mean), list(model.trunk.std)]
+
     def save(it: int) -> Path:
+        bad = next((n for n, w in model.state_dict().items() if w.is_floating_point() and not w.isfinite().all()),
+                   None)
+        if bad is not None:  # never write a diverged model over the last good checkpoint
+            raise DataError(f"training diverged by iteration {it} (non-finite weights in {bad}): lower detector.lr "
+                            f"(now {dcfg.lr:g}); the last good checkpoint {latest_checkpoint(out_dir) or '(none yet)'}"
+                            " is kept")
         p = out_dir / f"ckpt_{it}.pt"
         atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                            "scheduler": scheduler.state_dict(), "iteration": it, "config": to_dict(cfg),
-                           "classes": list(dataset.classes), "identity": ident, "rng": _rng_state(),
+                           "classes": list(dataset.classes), "identity": ident, "rng": _rng_state(), "trunk_norm": norm,
                            "history": history}, p)
         write_json(out_dir / "history.json", history)
         for old in out_dir.iterdir():  # keep only the newest checkpoint (VGG16 + momentum: ~1 GB each)
@@ -373,14 +402,16 @@ def train_detector(cfg: Config, store, dataset, out_dir, top: int | None = None,
             rois = batch["rois"].to(device)
             labels = batch["labels"].to(device)
             targets = batch["targets"].to(device)
-            cls_logits, deltas = model(images, rois)
-            loss_cls, loss_box = detection_loss(cls_logits, deltas, labels, targets)
-            loss = loss_cls + loss_box
-            if not torch.isfinite(loss):
-                raise DataError(f"training diverged at iteration {it + 1} (loss {loss.item()}); images "
-                                f"{batch['image_ids']} (lower detector.lr)")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            with _name_out_of_memory(it + 1, batch, images, dcfg):
+                cls_logits, deltas = model(images, rois)
+                loss_cls, loss_box = detection_loss(cls_logits, deltas, labels, targets)
+                loss = loss_cls + loss_box
+                if not torch.isfinite(loss):  # stop before the step: the checkpoints on disk stay good
+                    raise DataError(f"training diverged at iteration {it + 1} (loss {loss.item()}; images "
+                                    f"{batch['image_ids']}): lower detector.lr (now {dcfg.lr:g}); the last good "
+                                    f"checkpoint {latest_checkpoint(out_dir) or '(none yet)'} is kept")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
             optimizer.step()
             scheduler.step()
             it += 1
@@ -407,7 +438,7 @@ def train_detector(cfg: Config, store, dataset, out_dir, top: int | None = None,
         start = it
 
     if start >= dcfg.iters:
-        atomic_torch_save({"model": model.state_dict(), "iteration": start, "config": to_dict(cfg),
+        atomic_torch_save({"model": model.state_dict(), "iteration": start, "config": to_dict(cfg), "trunk_norm": norm,
                            "classes": list(dataset.classes), "identity": ident, "history": history}, final)
         write_json(out_dir / "history.json", history)
         log.info("wrote %s", final)

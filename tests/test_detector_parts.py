@@ -211,7 +211,8 @@ def test_truncated_svd_approximates_layer():
     with torch.no_grad():
         lin.weight.copy_(U @ torch.diag(S) @ V.T)
     svd = truncated_svd_linear(lin, 100)
-    assert isinstance(svd, torch.nn.Sequential) and svd[0].weight.shape == (100, 500) and svd[1].weight.shape == (300, 100)
+    assert isinstance(svd, torch.nn.Sequential)
+    assert svd[0].weight.shape == (100, 500) and svd[1].weight.shape == (300, 100)
     x = torch.randn(64, 500)
     ref, out = lin(x), svd(x)
     rel = ((out - ref).norm() / ref.norm()).item()
@@ -241,3 +242,22 @@ def test_detection_loss_normalisation():
     assert lb.item() == pytest.approx(3.0 / 4)  # summed over fg, divided by the RoI count
     deltas[0, 8:12] = targets[0]  # the class-2 slot is the one used
     assert detection_loss(logits, deltas, labels, targets)[1].item() == pytest.approx(0.0)
+
+
+def test_checkpoint_roundtrip_frozen_bn_and_normalisation():
+    from core.config import to_dict
+    from detector.train import load_detector
+
+    cfg = load_config(None, ["detector.trunk=small", "detector.pretrained=", "detector.fc_dim=64"])
+    for frozen in (False, True):
+        torch.manual_seed(0)
+        m = build_detector(cfg.detector, 3, frozen_bn=frozen).eval()
+        m.trunk.mean, m.trunk.std = (0.4, 0.4, 0.4), (0.2, 0.3, 0.2)
+        ckpt = {"model": m.state_dict(), "config": to_dict(cfg), "classes": ["a", "b", "c"],
+                "trunk_norm": [list(m.trunk.mean), list(m.trunk.std)]}
+        m2, _ = load_detector(ckpt)
+        assert m2.trunk.mean == m.trunk.mean and m2.trunk.std == m.trunk.std
+        x = torch.rand(1, 3, 64, 64)
+        rois = torch.tensor([[0.0, 0, 0, 40, 40]])
+        with torch.inference_mode():
+            assert torch.allclose(m(x, rois)[0], m2(x, rois)[0], atol=1e-6)
