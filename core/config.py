@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -235,7 +236,14 @@ def _coerce(value: Any, tp, key: str):
             return int(value)
         raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 (PyYAML) reads 1e-4 or 1e30, without a dot, as a string
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise ConfigError(f"config key '{key}': expected a number, got {value!r}") from None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"config key '{key}': expected a finite number, got {value!r}")
             return float(value)
         raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
     if tp is str:

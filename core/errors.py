@@ -23,3 +23,15 @@ class ImageError(DataError):
 
 class CheckpointError(UserError):
     """Missing, corrupt or mismatched checkpoint / weight file."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for an out-of-memory failure: torch.OutOfMemoryError (CUDA / MPS), a RuntimeError from an allocator
+    ('out of memory', "can't allocate memory" on CPU), or MemoryError. Per-image loops turn these into a UserError
+    naming the image and the config key that bounds the memory."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    if isinstance(exc, RuntimeError):
+        msg = str(exc).lower()
+        return "out of memory" in msg or "can't allocate memory" in msg or "not enough memory" in msg
+    return False

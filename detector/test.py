@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import batched_nms
 from tqdm import tqdm
 
-from core.errors import ConfigError, DataError
+from core.errors import ConfigError, DataError, UserError, is_out_of_memory
 from core.images import load_image
 from core.io import write_json
 
@@ -192,8 +192,16 @@ def test_detector(model_or_ckpt, store, dataset, tops: list[int], out_dir, cfg=N
         props = item["proposals"]
         if props.shape[0] == 0:
             empty += 1
-        scores, boxes, t = detect_image(model, item["image"], props, item["scale"], item["height"], item["width"],
-                                        stds)
+        try:
+            scores, boxes, t = detect_image(model, item["image"], props, item["scale"], item["height"],
+                                            item["width"], stds)
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            raise UserError(f"image {item['image_id']} ({item['width']}x{item['height']} px, tested at "
+                            f"{item['image'].shape[2]}x{item['image'].shape[1]}, {props.shape[0]} proposals): out of "
+                            f"memory ({type(e).__name__}); lower detector.max_size (now {dcfg.max_size}) or "
+                            f"detector.test_scale (now {dcfg.test_scale}), or test fewer proposals (--top)") from None
         t0 = time.perf_counter()
         for n in tops:
             b, s, lab = postprocess(scores[:n], boxes[:n], dcfg.score_thresh, dcfg.test_nms, dcfg.max_dets)

@@ -20,7 +20,7 @@ import numpy as np
 
 from core.cli import run_main
 from core.config import from_dict, load_config
-from core.errors import CheckpointError, DataError, ImageError, UserError
+from core.errors import CheckpointError, DataError, ImageError, UserError, is_out_of_memory
 from core.io import atomic_write_bytes, load_checkpoint, write_json
 
 log = logging.getLogger("pipelines.detect")
@@ -186,6 +186,13 @@ def main(argv=None) -> int:
                                                      args.show_masks)
         except UserError as e:
             tqdm.write(f"error: {e}", file=sys.stderr)  # on its own line, above the progress bar
+            failed += 1
+            continue
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            tqdm.write(f"error: {path}: out of memory ({type(e).__name__}); lower --max-side (now {args.max_side}) "
+                       f"or --top (now {top})", file=sys.stderr)
             failed += 1
             continue
         h, w = image.shape[:2]

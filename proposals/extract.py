@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from core.errors import DataError, ImageError, UserError
+from core.errors import DataError, ImageError, UserError, is_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +44,31 @@ def _init_worker(factory) -> None:
     _limit_threads()  # torch.set_num_threads(1) / cv2.setNumThreads(1) for what the factory imported
 
 
+def _memory_hint(proposer) -> str:
+    """The setting that bounds a proposer's memory per image."""
+    dm = getattr(proposer, "dm", None)
+    if dm is not None:  # DeepMask: the image is downscaled to max_image_side first; scale_batch pads all scales
+        hint = f"lower deepmask.max_image_side (now {dm.max_image_side}; 0 = no cap)"
+        return hint + (", or set deepmask.scale_batch=false" if getattr(dm, "scale_batch", False) else "")
+    return "selective search needs memory in proportion to the image size: downscale the image"
+
+
 def _propose_one(proposer, image_id: str, path: str, top: int | None):
     """(image_id, boxes, scores, masks, error message or None); user errors come back as messages."""
     from core.images import load_image
 
+    image = None
     try:
         image = load_image(path)
         boxes, scores, masks = proposer(image)
     except UserError as e:
         return image_id, None, None, None, str(e)
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        size = f"{image.shape[1]}x{image.shape[0]} px, " if image is not None else ""
+        return image_id, None, None, None, f"image {image_id} ({size}{path}): out of memory ({type(e).__name__}); " \
+                                           f"{_memory_hint(proposer)}"
     if top is not None:
         boxes, scores = boxes[:top], scores[:top]
         masks = masks[:top] if masks is not None else None

@@ -383,6 +383,13 @@ def test_config_errors_name_the_key(tmp_path, entry):
     cfg.write_text("unknown_section:\n  a: 1\n")
     assert_user_error(run_entry(m, [*base, "--config", cfg]), "c.yaml", "unknown_section")
     assert_user_error(run_entry(m, [*base, "--config", tmp_path / "none.yaml"]), "none.yaml", "not found")
+    assert_user_error(run_entry(m, [*base, "--set", "detector.lr=nan"]), "detector.lr", "finite")
+
+
+def test_config_floats_without_a_dot():
+    """PyYAML (YAML 1.1) reads 1e-4 as a string: a float key takes it as the number."""
+    cfg = load_config(None, ["detector.lr=1e-4", "deepmask.gamma=1E30", "detector.fc_dim=64"])
+    assert cfg.detector.lr == 1e-4 and cfg.deepmask.gamma == 1e30
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints

@@ -226,6 +226,12 @@ def train_deepmask(cfg: Config, out_dir, progress: bool = True, resume: bool = T
 
     def save(it: int, metrics: dict | None) -> None:
         nonlocal best
+        bad = next((n for n, w in model.state_dict().items() if w.is_floating_point() and not w.isfinite().all()),
+                   None)
+        if bad is not None:  # never write a diverged model over the last good checkpoint
+            raise DataError(f"deepmask training diverged by iteration {it} (non-finite weights in {bad}): lower "
+                            f"deepmask.lr (now {dm.lr:g}); the last good checkpoint "
+                            f"{last_path if last_path.is_file() else '(none yet)'} is kept")
         ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": it,
                 "config": to_dict(cfg), "rng": _rng_state(), "sampler": {"seed": train_sampler.seed, "next_batch": it},
                 "best": best, "history": history}
@@ -260,6 +266,10 @@ def train_deepmask(cfg: Config, out_dir, progress: bool = True, resume: bool = T
             mk, sc = model(x)
             loss, st = deepmask_loss(mk, sc, batch["masks"].to(device), batch["labels"].to(device), batch["kind"],
                                      dm.score_weight, dm.patch_size)
+            if not torch.isfinite(loss):  # stop before the step: the checkpoints on disk stay good
+                raise DataError(f"deepmask training diverged at iteration {it + 1} ({batch['kind']} batch, loss "
+                                f"{loss.item()}): lower deepmask.lr (now {dm.lr:g}); the last good checkpoint "
+                                f"{last_path if last_path.is_file() else '(none yet)'} is kept")
             optimizer.zero_grad(set_to_none=True)
             if loss.requires_grad:
                 loss.backward()
