@@ -504,7 +504,7 @@ def _prepare_out(out: Path, params: dict) -> bool:
 
 
 def generate(out, trainval: int = 240, test: int = 80, size: int = 256, seed: int = 0, workers: int = 1,
-             force: bool = False) -> None:
+             force: bool = False, progress: bool = True) -> None:
     """Write the synthetic set into `out` (see the module docstring).
 
     Image ids: trainval are '000001'..N, test follow. Skips the work when `out` already holds a complete set made
@@ -535,9 +535,10 @@ def generate(out, trainval: int = 240, test: int = 80, size: int = 256, seed: in
     if workers > 1:
         with ProcessPoolExecutor(max_workers=workers) as ex:
             results = list(tqdm(ex.map(_make_one, jobs, chunksize=max(1, n // (8 * workers))), total=n,
+                                disable=not progress,
                                 desc="shapes", unit="img"))
     else:
-        results = [_make_one(j) for j in tqdm(jobs, desc="shapes", unit="img")]
+        results = [_make_one(j) for j in tqdm(jobs, desc="shapes", unit="img", disable=not progress)]
     images = [r[0] for r in results]
     anns = [r[1] for r in results]
     n_train = min(trainval - 1, int(math.ceil(TRAIN_FRACTION * trainval)))  # val never empty

@@ -39,7 +39,7 @@ class RunPaths:
         return self.root
 
 
-def resolve_data(cfg: Config) -> Config:
+def resolve_data(cfg: Config, progress: bool = True) -> Config:
     """Fill in the dataset paths the synthetic set implies, generating it when missing."""
     cfg = dataclasses.replace(cfg)
     d = cfg.data
@@ -48,17 +48,15 @@ def resolve_data(cfg: Config) -> Config:
 
         root = Path(d.synthetic_root or Path(cfg.out_dir) / "data" / f"shapes-{section_hash(_synthetic_params(cfg))}")
         generate(root, trainval=d.synthetic_trainval, test=d.synthetic_test, size=d.synthetic_size,
-                 seed=d.synthetic_seed, workers=1)
+                 seed=d.synthetic_seed, workers=1, progress=progress)
         d = dataclasses.replace(d, synthetic_root=str(root), voc=d.voc or str(root / "VOC2007"))
         dm = cfg.deepmask
         if not dm.train_sets:
             dm = dataclasses.replace(dm, train_sets=[CocoSource(
                 ann=str(root / "annotations" / f"instances_{d.train_split}.json"),
                 images=str(root / "VOC2007" / "JPEGImages"))])
-        if not dm.val_sets:
-            dm = dataclasses.replace(dm, val_sets=[CocoSource(
-                ann=str(root / "annotations" / f"instances_{d.test_split}.json"),
-                images=str(root / "VOC2007" / "JPEGImages"))])
+        # no val_sets: DeepMask holds out deepmask.val_fraction of its training images for validation, so the
+        # detector's test split never influences model selection
         cfg = dataclasses.replace(cfg, data=d, deepmask=dm)
     if not cfg.data.voc:
         raise ConfigError("data.voc: no detection dataset (set data.voc to a VOCdevkit VOC2007 folder, "
@@ -114,7 +112,7 @@ def run_experiment(cfg: Config, progress: bool = True) -> dict:
     """Run (or resume) the full experiment; returns the summary dict (also written to summary.json)."""
     from core.datasets import VOCDataset
 
-    cfg = resolve_data(cfg)
+    cfg = resolve_data(cfg, progress)
     paths = RunPaths(cfg.run_dir)
     paths.root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, paths.root / "config.yaml")
