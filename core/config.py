@@ -36,6 +36,8 @@ class DataConfig:
     voc: str = ""
     train_split: str = "trainval"
     test_split: str = "test"
+    train_images: int = 0  # > 0: only the first N images of the train split (CPU-sized runs); 0 = all
+    test_images: int = 0  # > 0: only the first N images of the test split
     # Built-in synthetic set (`pipelines.make_shapes`): generated into `synthetic_root` when `synthetic` is true
     # and it is missing; then `voc` defaults to `<synthetic_root>/VOC2007` and DeepMask trains on its COCO json.
     synthetic: bool = False

@@ -232,7 +232,8 @@ def voc_box_string(box) -> tuple[float, float, float, float]:
 class VOCDataset:
     """A VOCdevkit `VOC2007` folder: JPEGImages/, Annotations/, ImageSets/Main/<split>.txt."""
 
-    def __init__(self, voc_dir, split: str, classes=VOC_CLASSES):
+    def __init__(self, voc_dir, split: str, classes=VOC_CLASSES, max_images: int = 0):
+        """`max_images` > 0 keeps only the first N images of the split (CPU-sized runs)."""
         self.root = Path(voc_dir)
         self.split = split
         self.classes = tuple(classes)
@@ -244,6 +245,8 @@ class VOCDataset:
         ids = [ln.split()[0] for ln in split_file.read_text().splitlines() if ln.strip()]
         if not ids:
             raise DataError(f"{split_file}: split '{split}' lists no images")
+        if max_images and max_images > 0:
+            ids = ids[:max_images]
         self.image_ids = ids
         self._index = {i: k for k, i in enumerate(ids)}
         self._cache: dict[str, Record] = {}

@@ -117,8 +117,8 @@ def run_experiment(cfg: Config, progress: bool = True) -> dict:
     paths.root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, paths.root / "config.yaml")
     stages = Stages(paths.root)
-    train_ds = VOCDataset(cfg.data.voc, cfg.data.train_split)
-    test_ds = VOCDataset(cfg.data.voc, cfg.data.test_split)
+    train_ds = VOCDataset(cfg.data.voc, cfg.data.train_split, max_images=cfg.data.train_images)
+    test_ds = VOCDataset(cfg.data.voc, cfg.data.test_split, max_images=cfg.data.test_images)
     methods = list(cfg.sweep.methods)
     unknown = [m for m in methods if m not in ("deepmask", "selective_search")]
     if unknown:

@@ -81,7 +81,7 @@ def run_sweep(run, cfg: Config | None = None, counts: list[int] | None = None, p
             raise DataError(f"{run}: not a run folder (no config.yaml); run `python -m pipelines.run` first")
         cfg = load_config(str(run / "config.yaml"))
     counts = sorted(counts or cfg.sweep.counts)
-    test_ds = VOCDataset(cfg.data.voc, cfg.data.test_split)
+    test_ds = VOCDataset(cfg.data.voc, cfg.data.test_split, max_images=cfg.data.test_images)
     methods = list(cfg.sweep.methods)
     rows = []
     for method in methods:

@@ -155,3 +155,9 @@ def test_bad_images_name_the_file(tmp_path):
     for name in ("zero.jpg", "text.jpg", "trunc.jpg", "missing.jpg"):
         with pytest.raises(ImageError, match=name):
             load_image(tmp_path / name)
+
+
+def test_voc_max_images_keeps_first_n(tmp_path):
+    root = _voc(tmp_path, [("dog", 0, (1, 1, 10, 20))], ids=("a", "b", "c"))
+    assert VOCDataset(root, "train", max_images=2).image_ids == ["a", "b"]
+    assert VOCDataset(root, "train").image_ids == ["a", "b", "c"]
