@@ -298,7 +298,77 @@ def to_dict(cfg) -> dict:
 
 def from_dict(data: dict) -> Config:
     """Build a Config from a (possibly partial) mapping over the defaults."""
-    return _from_dict(Config, _merge(to_dict(Config()), data or {}))
+    if not isinstance(data or {}, dict):
+        raise ConfigError(f"config: expected a mapping, got {type(data).__name__}")
+    cfg = _from_dict(Config, _merge(to_dict(Config()), data or {}))
+    validate(cfg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------- value ranges
+# Numeric keys whose values outside these intervals are meaningless: refused here with the key named, instead of
+# failing deep inside a stage with an unrelated exception (found by tests/test_fuzz.py) or allocating without bound.
+# '(' / ')' exclude the end. Lists: every item. Floats are at most 1e30 (SGD keeps them as float32).
+_BIG = 1e30
+_RANGES = {
+    "seed": "[0, 9.2e18]",
+    "ss.seed": "[0, 4294967295]", "ss.workers": "[0, 1024]",
+    "deepmask.seg_channels": "[1, 8192]", "deepmask.lowrank_dim": "[1, 8192]", "deepmask.mask_size": "[1, 1024]",
+    "deepmask.patch_size": "[16, 2048]", "deepmask.object_size": "(0, 2048]", "deepmask.score_hidden": "[1, 16384]",
+    "deepmask.dropout": "[0, 1)", "deepmask.val_fraction": "[0, 1)", "deepmask.pos_shift": "[0, 10000]",
+    "deepmask.pos_scale": "[0, 8]", "deepmask.neg_shift": "[0, 10000]", "deepmask.neg_scale": "[0, 8]",
+    "deepmask.neg_scale_min": "[-16, 16]", "deepmask.neg_scale_max": "[-16, 16]", "deepmask.min_area": "[0, big]",
+    "deepmask.min_side": "[0, big]", "deepmask.image_cache": "[0, 1000000]", "deepmask.iters": "[0, big]",
+    "deepmask.batch_size": "[2, 65536]", "deepmask.lr": "(0, big]", "deepmask.momentum": "[0, 1)",
+    "deepmask.weight_decay": "[0, big]", "deepmask.lr_steps": "[0, big]", "deepmask.gamma": "(0, big]",
+    "deepmask.score_weight": "[0, big]", "deepmask.workers": "[0, 1024]", "deepmask.val_every": "[0, big]",
+    "deepmask.val_batches": "[0, 1000000]", "deepmask.checkpoint_every": "[0, big]", "deepmask.scale_min": "[-16, 16]",
+    "deepmask.scale_max": "[-16, 16]", "deepmask.scale_step": "(0, 16]", "deepmask.mask_threshold": "(0, 1)",
+    "deepmask.top_n": "[1, big]", "deepmask.nms": "[0, 1]", "deepmask.infer_pad": "[0, 16]",
+    "deepmask.max_image_side": "[0, big]", "deepmask.chunk": "[1, big]",
+    "detector.fc_dim": "[1, 16384]", "detector.dropout": "[0, 1)", "detector.roi_size": "[1, 64]",
+    "detector.scales": "[1, 100000]", "detector.max_size": "[1, 100000]", "detector.test_scale": "[1, 100000]",
+    "detector.train_top": "[0, big]", "detector.ims_per_batch": "[1, 1024]", "detector.batch_rois": "[1, 1000000]",
+    "detector.fg_fraction": "[0, 1]", "detector.fg_thresh": "[0, 1]", "detector.bg_thresh_hi": "[0, 1]",
+    "detector.bg_thresh_lo": "[0, 1]", "detector.bbox_stds": "(0, big]", "detector.lr": "(0, big]",
+    "detector.momentum": "[0, 1)", "detector.weight_decay": "[0, big]", "detector.bias_lr_factor": "[0, big]",
+    "detector.bias_weight_decay": "[0, big]", "detector.iters": "[0, big]", "detector.lr_steps": "[0, big]",
+    "detector.gamma": "(0, big]", "detector.checkpoint_every": "[0, big]", "detector.log_every": "[0, big]",
+    "detector.workers": "[0, 1024]", "detector.test_nms": "[0, 1]", "detector.score_thresh": "[0, 1]",
+    "detector.max_dets": "[0, big]", "detector.svd_fc6_rank": "[1, big]", "detector.svd_fc7_rank": "[1, big]",
+    "sweep.counts": "[1, big]",
+}
+
+
+def _check_range(key: str, value, interval: str) -> None:
+    lo_s, hi_s = (t.strip() for t in interval[1:-1].split(","))
+    lo, hi = (_BIG if t == "big" else float(t) for t in (lo_s, hi_s))
+    items = value if isinstance(value, list) else [value]
+    for i, v in enumerate(items):
+        ok = (v > lo if interval[0] == "(" else v >= lo) and (v < hi if interval[-1] == ")" else v <= hi)
+        if not ok:
+            k = f"{key}[{i}]" if isinstance(value, list) else key
+            shown = interval.replace("big", f"{_BIG:g}")
+            v = repr(v) if len(repr(v)) <= 24 else f"{float(v):.4g}"
+            raise ConfigError(f"config key '{k}': {v} is out of range (expected a value in {shown})")
+
+
+def validate(cfg: Config) -> None:
+    """ConfigError naming the key for a value outside its range (see _RANGES) or inconsistent pairs."""
+    for key, interval in _RANGES.items():
+        node = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        _check_range(key, node, interval)
+    d, dm = cfg.detector, cfg.deepmask
+    if d.bg_thresh_lo > d.bg_thresh_hi:
+        raise ConfigError(f"config keys 'detector.bg_thresh_lo' ({d.bg_thresh_lo}) > 'detector.bg_thresh_hi' "
+                          f"({d.bg_thresh_hi}): no background RoI could be sampled")
+    if len(d.bbox_stds) != 4:
+        raise ConfigError(f"config key 'detector.bbox_stds': expected 4 values (x, y, w, h), got {d.bbox_stds}")
+    if dm.scale_min > dm.scale_max:
+        raise ConfigError(f"config keys 'deepmask.scale_min' ({dm.scale_min}) > 'deepmask.scale_max' "
+                          f"({dm.scale_max})")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
