@@ -5,7 +5,7 @@ trunk (stride 16) -> RoI max pooling 7x7 at spatial scale 1/16 (torchvision.ops.
 
 * 'vgg16': conv1_1 .. conv5_3 (512 channels), fc6 25088->4096 and fc7 4096->4096 initialised from the ImageNet
   classifier when pretrained (core.backbones.vgg16_fc_head), dropout 0.5 (paper Sec. 2.2, 4.1).
-* light trunks ('small', 'vgg_a', 'efficientnet_lite0'): fc6/fc7 of width ``fc_dim``, He (fan-in) init.
+* light trunks ('small', 'vgg_a', 'efficientnet_lite0'): fc6/fc7 of width ``fc_dim``, N(0, 0.01) init.
 * cls_score ~ N(0, 0.01), bbox_pred ~ N(0, 0.001), zero biases (paper Sec. 2.2; fast-rcnn prototxt fillers).
 * optional truncated SVD of fc6/fc7 for test (paper Sec. 3.1; fast-rcnn ``tools/compress_net.py``): W (out x in)
   ~= U_t (S_t V_t^T), i.e. a Linear(in, t, no bias) followed by a Linear(t, out) carrying the original bias.
@@ -68,7 +68,10 @@ class FastRCNN(nn.Module):
         r = rois.clone()
         r[:, 3:5] = torch.maximum(r[:, 3:5] - 1, r[:, 1:3])
         x = self.roi_pool(feats, r).flatten(1)
-        x = self.drop6(torch.relu(self.fc6(x)))
+        x = torch.relu(self.fc6(x))
+        if self.training:  # diagnostic: fraction of active fc6 units (dead ReLUs make the head predict the prior)
+            self.fc6_active = float((x > 0).float().mean())
+        x = self.drop6(x)
         x = self.drop7(torch.relu(self.fc7(x)))
         return self.cls_score(x), self.bbox_pred(x)
 
@@ -113,13 +116,13 @@ def build_detector(dcfg, num_classes: int, pretrained: str | None = None, frozen
         # fc6/fc7 of VGG16, from its ImageNet classifier when pretrained (paper Sec. 2.2)
         fc6, fc7 = vgg16_fc_head(pretrained)
     else:
-        # random-init head on a light trunk: He init (fan-in, ReLU) keeps the activation scale through fc6/fc7;
-        # PyTorch's default (std 1/sqrt(3 fan_in)) shrinks it ~2.4x per layer and, with cls_score ~ N(0, 0.01),
-        # leaves the trunk with vanishing gradients for the first hundreds of iterations (measured on the synthetic
-        # set: fg accuracy 0.36 vs 0.10 after 150 iterations on 8 images)
+        # random-init head on a light trunk: N(0, 0.01), zero bias, as torchvision's VGG classifier init (and
+        # core.backbones.vgg16_fc_head without weights). He init was tried and is harmful here: RoI max-pooled
+        # features are non-negative and large (efficientnet_lite0: initial loss 9 instead of ln 21), the first
+        # updates push most fc6 units into a dead ReLU state and the head then only predicts the class prior.
         fc6, fc7 = nn.Linear(in_dim, dcfg.fc_dim), nn.Linear(dcfg.fc_dim, dcfg.fc_dim)
         for fc in (fc6, fc7):
-            nn.init.kaiming_normal_(fc.weight, nonlinearity="relu")
+            nn.init.normal_(fc.weight, 0.0, 0.01)
             nn.init.zeros_(fc.bias)
     model = FastRCNN(trunk, num_classes, fc6, fc7, dcfg.fc_dim, dropout=dcfg.dropout, roi_size=dcfg.roi_size)
     if dcfg.freeze_early:

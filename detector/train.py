@@ -418,6 +418,7 @@ def train_detector(cfg: Config, store, dataset, out_dir, top: int | None = None,
             n_img += images.shape[0]
             rec = {"iter": it, "loss": loss.item(), "loss_cls": loss_cls.item(), "loss_box": loss_box.item(),
                    "num_rois": int(labels.numel()), "num_fg": int(batch["num_fg"]),
+                   "fc6_active": float(getattr(model, "fc6_active", float("nan"))),
                    "lr": optimizer.param_groups[0]["lr"]}
             losses.append(rec)
             window.append(rec)
@@ -425,7 +426,7 @@ def train_detector(cfg: Config, store, dataset, out_dir, top: int | None = None,
                 dt = time.time() - t0
                 # history: means over the iterations since the last entry (single-minibatch losses are noisy)
                 mean = {k: float(np.mean([r[k] for r in window])) for k in ("loss", "loss_cls", "loss_box",
-                                                                            "num_rois", "num_fg")}
+                                                                            "num_rois", "num_fg", "fc6_active")}
                 history.append(dict(rec, **mean, images_per_s=n_img / max(dt, 1e-9), window=len(window)))
                 t0, n_img, window = time.time(), 0, []
                 log.debug("iter %d: %s", it, history[-1])
