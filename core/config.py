@@ -100,6 +100,9 @@ class DeepMaskConfig:
     weight_decay: float = 5e-5
     lr_steps: list[int] = field(default_factory=list)  # iterations where lr *= gamma (paper: constant lr)
     gamma: float = 0.1
+    # torchrun (core/distributed.py): 'none' keeps lr whatever the number of processes; 'linear' multiplies it by
+    # the world size (the global batch is world_size x batch_size)
+    lr_scaling: str = "none"
     score_weight: float = 1.0 / 32  # lambda of eq. (1)
     workers: int = 2
     val_every: int = 1000  # iterations between validations (0 = only at the end)
@@ -155,6 +158,9 @@ class DetectorConfig:
     iters: int = 40000
     lr_steps: list[int] = field(default_factory=lambda: [30000])
     gamma: float = 0.1
+    # torchrun (core/distributed.py): 'none' keeps lr whatever the number of processes; 'linear' multiplies it by
+    # the world size (the global batch is world_size x ims_per_batch images)
+    lr_scaling: str = "none"
     checkpoint_every: int = 10000  # SNAPSHOT_ITERS
     log_every: int = 20
     workers: int = 2  # DataLoader workers (decode + resize + RoI sampling)
@@ -366,6 +372,9 @@ def validate(cfg: Config) -> None:
                           f"({d.bg_thresh_hi}): no background RoI could be sampled")
     if len(d.bbox_stds) != 4:
         raise ConfigError(f"config key 'detector.bbox_stds': expected 4 values (x, y, w, h), got {d.bbox_stds}")
+    for key, mode in (("deepmask.lr_scaling", dm.lr_scaling), ("detector.lr_scaling", d.lr_scaling)):
+        if mode not in ("none", "linear"):
+            raise ConfigError(f"config key '{key}': expected none or linear, got {mode!r}")
     if dm.scale_min > dm.scale_max:
         raise ConfigError(f"config keys 'deepmask.scale_min' ({dm.scale_min}) > 'deepmask.scale_max' "
                           f"({dm.scale_max})")

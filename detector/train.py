@@ -18,10 +18,18 @@ entry in the infinite stream fixes its epoch (a permutation seeded by (seed, epo
 (scale choice, RoI sampling) seeded by (seed, p). So workers, their number, and a restart do not change the data, and
 a checkpoint only needs the iteration, the model, optimizer and scheduler states, and the RNG states of the main
 process (dropout).
+
+Under ``torchrun`` (core/distributed.py): iteration ``it``'s global minibatch is stream positions
+``it*B*W .. (it+1)*B*W - 1`` (B = ims_per_batch, W = world size) and rank r takes every W-th of them (positions
+``it*B*W + r + k*W``), the split DistributedSampler makes; W = 1 is the single-process stream. The model is wrapped
+in DistributedDataParallel (gradients averaged over ranks), ``lr_scaling: linear`` multiplies lr by W, losses are
+averaged (RoI counts summed) over ranks for the history, and rank 0 alone writes checkpoints, history and
+``final.pt`` (the others wait at a barrier). Checkpoints hold every rank's RNG state (exact resume with the same W).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import random
@@ -35,6 +43,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
+from core import distributed
 from core.config import Config, save_config, section_hash, to_dict
 from core.errors import CheckpointError, ConfigError, DataError, UserError, is_out_of_memory
 from core.images import load_image
@@ -164,16 +173,17 @@ class TrainStream(Dataset):
 
 
 class PositionSampler(Sampler):
-    """Yields stream positions ``start .. stop-1`` in order."""
+    """Yields stream positions ``start, start+step, ...`` below ``stop`` in order (step: the world size when
+    distributed)."""
 
-    def __init__(self, start: int, stop: int):
-        self.start, self.stop = int(start), int(stop)
+    def __init__(self, start: int, stop: int, step: int = 1):
+        self.start, self.stop, self.step = int(start), int(stop), int(step)
 
     def __iter__(self):
-        return iter(range(self.start, self.stop))
+        return iter(range(self.start, self.stop, self.step))
 
     def __len__(self):
-        return self.stop - self.start
+        return len(range(self.start, self.stop, self.step))
 
 
 def collate(samples: list[dict]) -> dict:
@@ -324,12 +334,17 @@ def train_detector(cfg: Config, store, dataset, out_dir, top: int | None = None,
             log.info("%s exists for this config; training skipped", final)
             return {"final": str(final), "iteration": dcfg.iters, "losses": []}
 
-    device = torch.device(cfg.device)
+    distributed.init()
+    device = distributed.device(cfg.device)
+    main, W = distributed.is_main(), distributed.world_size()
+    progress = progress and main
+    lr_mult = distributed.lr_factor(dcfg.lr_scaling, "detector.lr_scaling")
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     random.seed(cfg.seed)
     model = build_detector(dcfg, len(dataset.classes)).to(device)
-    optimizer = build_optimizer(model, dcfg)
+    distributed.seed_rank_rng(cfg.seed)  # same initial weights on every rank, then per-rank dropout
+    optimizer = build_optimizer(model, dataclasses.replace(dcfg, lr=dcfg.lr * lr_mult) if lr_mult != 1 else dcfg)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(dcfg.lr_steps), gamma=dcfg.gamma)
     start, history = 0, []
 
@@ -350,9 +365,10 @@ def train_detector(cfg: Config, store, dataset, out_dir, top: int | None = None,
         scheduler.load_state_dict(ck["scheduler"])
         start = int(ck["iteration"])
         history = list(ck.get("history", []))
-        _set_rng_state(ck["rng"])
+        _set_rng_state(distributed.rank_rng_state(ck.get("rng_ranks"), ck["rng"]))
         log.info("resumed from %s at iteration %d", ckpt_path, start)
-    save_config(cfg, out_dir / "config.yaml")
+    if main:
+        save_config(cfg, out_dir / "config.yaml")
 
     entries = TrainEntries(dataset, dcfg.use_difficult)
     stream = TrainStream(entries, getattr(store_obj, "path", store), top, dcfg, model.mean, model.std, cfg.seed)
@@ -371,21 +387,30 @@ def train_detector(cfg: Config, store, dataset, out_dir, top: int | None = None,
             raise DataError(f"training diverged by iteration {it} (non-finite weights in {bad}): lower detector.lr "
                             f"(now {dcfg.lr:g}); the last good checkpoint {latest_checkpoint(out_dir) or '(none yet)'}"
                             " is kept")
+        rng_ranks = distributed.all_gather_object(_rng_state())  # None in a single process
+        if not main:  # rank 0 writes; the others wait
+            distributed.barrier()
+            return None
+        extra = {"rng_ranks": rng_ranks, "world_size": W} if rng_ranks is not None else {}
         p = out_dir / f"ckpt_{it}.pt"
         atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                            "scheduler": scheduler.state_dict(), "iteration": it, "config": to_dict(cfg),
                            "classes": list(dataset.classes), "identity": ident, "rng": _rng_state(), "trunk_norm": norm,
-                           "history": history}, p)
+                           "history": history, **extra}, p)
         write_json(out_dir / "history.json", history)
         for old in out_dir.iterdir():  # keep only the newest checkpoint (VGG16 + momentum: ~1 GB each)
             m = CKPT_RE.match(old.name)
             if m and int(m.group(1)) < it:
                 old.unlink(missing_ok=True)
+        distributed.barrier()
         return p
 
     losses = []
     if start < stop:
-        loader = DataLoader(stream, batch_size=B, sampler=PositionSampler(start * B, stop * B), collate_fn=collate,
+        net = distributed.wrap_ddp(model, device)
+        r = distributed.rank()  # rank r: every W-th position of the global stream (W = 1: start*B .. stop*B-1)
+        loader = DataLoader(stream, batch_size=B, sampler=PositionSampler(start * B * W + r, stop * B * W, W),
+                            collate_fn=collate,
                             num_workers=dcfg.workers, worker_init_fn=_worker_init if dcfg.workers else None,
                             # spawn: forking a parent that holds OpenMP/OpenCV thread pools can deadlock
                             multiprocessing_context="spawn" if dcfg.workers else None,
@@ -403,7 +428,7 @@ def train_detector(cfg: Config, store, dataset, out_dir, top: int | None = None,
             labels = batch["labels"].to(device)
             targets = batch["targets"].to(device)
             with _name_out_of_memory(it + 1, batch, images, dcfg):
-                cls_logits, deltas = model(images, rois)
+                cls_logits, deltas = net(images, rois)
                 loss_cls, loss_box = detection_loss(cls_logits, deltas, labels, targets)
                 loss = loss_cls + loss_box
                 if not torch.isfinite(loss):  # stop before the step: the checkpoints on disk stay good
@@ -420,6 +445,8 @@ def train_detector(cfg: Config, store, dataset, out_dir, top: int | None = None,
                    "num_rois": int(labels.numel()), "num_fg": int(batch["num_fg"]),
                    "fc6_active": float(getattr(model, "fc6_active", float("nan"))),
                    "lr": optimizer.param_groups[0]["lr"]}
+            rec = distributed.reduce_for_logging(rec, mean_keys=("loss", "loss_cls", "loss_box"),
+                                                 sum_keys=("num_rois", "num_fg"))  # global minibatch
             losses.append(rec)
             window.append(rec)
             if it % max(1, dcfg.log_every) == 0 or it == stop:
@@ -439,9 +466,14 @@ def train_detector(cfg: Config, store, dataset, out_dir, top: int | None = None,
         start = it
 
     if start >= dcfg.iters:
-        atomic_torch_save({"model": model.state_dict(), "iteration": start, "config": to_dict(cfg), "trunk_norm": norm,
-                           "classes": list(dataset.classes), "identity": ident, "history": history}, final)
-        write_json(out_dir / "history.json", history)
-        log.info("wrote %s", final)
+        replicas = distributed.replica_check(model)  # None in a single process
+        if main:
+            extra = {"distributed": replicas} if replicas is not None else {}
+            atomic_torch_save({"model": model.state_dict(), "iteration": start, "config": to_dict(cfg),
+                               "trunk_norm": norm, "classes": list(dataset.classes), "identity": ident,
+                               "history": history, **extra}, final)
+            write_json(out_dir / "history.json", history)
+            log.info("wrote %s", final)
+        distributed.barrier()
         return {"final": str(final), "iteration": start, "losses": losses}
     return {"final": None, "iteration": start, "losses": losses}

@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     if not cfg.data.voc:
         from pipelines.experiment import resolve_data
 
-        cfg = resolve_data(cfg)  # synthetic set, or a ConfigError naming data.voc
+        from core.distributed import run_on_main
+
+        cfg = run_on_main(resolve_data, cfg)  # synthetic set, or a ConfigError naming data.voc (torchrun: rank 0)
 
     from core.datasets import VOCDataset
     from detector.train import train_detector

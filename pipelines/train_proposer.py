@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
 
         # resolve_data fills train_sets with the synthetic trainval json (and val_sets with its test json, which we
         # do not use for model selection: validation holds out part of trainval instead).
-        cfg = resolve_data(cfg)
+        from core.distributed import run_on_main
+
+        cfg = run_on_main(resolve_data, cfg)  # torchrun: rank 0 makes the data, the others wait
         cfg = dataclasses.replace(cfg, deepmask=dataclasses.replace(cfg.deepmask, val_sets=[]))
     from proposals.deepmask.train import train_deepmask
 

@@ -307,12 +307,18 @@ class PatchStream(IterableDataset):
     """Endless stream of batches start, start+1, ... for a torch DataLoader (``batch_size=None``).
 
     Worker w of W yields batches start + w, start + w + W, ...; the DataLoader returns worker outputs round-robin
-    in order, so the main process receives exactly start, start+1, ... whatever the number of workers."""
+    in order, so the main process receives exactly start, start+1, ... whatever the number of workers.
 
-    def __init__(self, sampler: PatchSampler, start: int = 0):
+    Distributed (``rank`` of ``world`` processes, core/distributed.py): iteration t's global batch is the sampler's
+    batches t*world .. t*world + world-1, all of iteration t's kind (mask / score alternate per iteration, §3.2);
+    rank r takes batch t*world + r, i.e. every world-th batch of the one global stream. world=1: batch t, as
+    before. The yielded ``index`` is the iteration t."""
+
+    def __init__(self, sampler: PatchSampler, start: int = 0, rank: int = 0, world: int = 1):
         super().__init__()
         self.sampler = sampler
         self.start = int(start)
+        self.rank, self.world = int(rank), int(world)
 
     def __iter__(self):
         info = get_worker_info()
@@ -321,5 +327,7 @@ class PatchStream(IterableDataset):
         # a parent that has used OpenCV's thread pool it deadlocks.)
         t = self.start + wid
         while True:
-            yield self.sampler.batch(t)
+            b = self.sampler.batch(t * self.world + self.rank, kind=self.sampler.kind(t))
+            b["index"] = t
+            yield b
             t += nw

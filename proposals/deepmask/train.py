@@ -21,6 +21,11 @@ optimizer, iteration, config, RNG states of torch / numpy / python, sampler stat
 EXACTLY -- the same numbers as an uninterrupted run; ``best.pt`` is the best by validation (mean of the mask IoU at
 the binarisation threshold and the score accuracy, on fixed seeded held-out patches); the resolved config is saved
 beside as ``config.yaml``; validation history in ``metrics.json``.
+
+Under ``torchrun`` (core/distributed.py): DistributedDataParallel (gradients averaged over ranks), rank r takes every
+world-th batch of the global batch stream (sampler.PatchStream), ``lr_scaling: linear`` multiplies lr by the world
+size, losses are averaged over ranks for the progress bar, rank 0 alone validates and writes checkpoints (the others
+wait at a barrier), and ``last.pt`` also holds every rank's RNG state and the replicas' state hashes.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from core import distributed
 from core.config import Config, save_config, to_dict
 from core.errors import CheckpointError, DataError
 from core.io import atomic_torch_save, load_checkpoint, write_json
@@ -193,10 +199,15 @@ def train_deepmask(cfg: Config, out_dir, progress: bool = True, resume: bool = T
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
-    device = torch.device(cfg.device)
+    distributed.init()
+    device = distributed.device(cfg.device)
+    main = distributed.is_main()
+    progress = progress and main
+    lr_mult = distributed.lr_factor(dm.lr_scaling, "deepmask.lr_scaling")
     _seed_everything(cfg.seed)
 
     model = build_deepmask(dm).to(device)
+    distributed.seed_rank_rng(cfg.seed)  # same initial weights on every rank, then per-rank dropout
     # §3.4: plain SGD, lr 1e-3, momentum 0.9, weight decay 5e-5 on every parameter.
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=dm.lr, momentum=dm.momentum, weight_decay=dm.weight_decay)
@@ -209,17 +220,18 @@ def train_deepmask(cfg: Config, out_dir, progress: bool = True, resume: bool = T
         start = int(ckpt["iteration"])
         best = float(ckpt.get("best", -math.inf))
         history = list(ckpt.get("history", []))
-        _set_rng_state(ckpt["rng"])
+        _set_rng_state(distributed.rank_rng_state(ckpt.get("rng_ranks"), ckpt["rng"]))
         log.info("deepmask: resuming %s at iteration %d", last_path, start)
         if start >= dm.iters and best_path.is_file():
             log.info("deepmask: %s is complete (%d iterations); nothing to do", out_dir, start)
             return {"best": str(best_path), "last": str(last_path), "iteration": start,
                     "metrics": history[-1] if history else {}}
-    save_config(cfg, out_dir / "config.yaml")
+    if main:
+        save_config(cfg, out_dir / "config.yaml")
 
     pad = pad_rgb_for(dm.pad_color, model.trunk.mean)
     train_sampler, val_sampler = build_samplers(cfg, pad)
-    val_batches = fixed_val_batches(val_sampler, dm.val_batches)
+    val_batches = fixed_val_batches(val_sampler, dm.val_batches) if main else []  # rank 0 validates
     log.info("deepmask: %d training positives in %d images; %d validation patches; trunk %s; %.1fM parameters",
              len(train_sampler), len(train_sampler.records), sum(len(b["labels"]) for b in val_batches), dm.trunk,
              sum(p.numel() for p in model.parameters()) / 1e6)
@@ -232,21 +244,30 @@ def train_deepmask(cfg: Config, out_dir, progress: bool = True, resume: bool = T
             raise DataError(f"deepmask training diverged by iteration {it} (non-finite weights in {bad}): lower "
                             f"deepmask.lr (now {dm.lr:g}); the last good checkpoint "
                             f"{last_path if last_path.is_file() else '(none yet)'} is kept")
+        rng_ranks = distributed.all_gather_object(_rng_state())  # None in a single process
+        replicas = distributed.replica_check(model)
+        if not main:  # rank 0 writes; the others wait
+            distributed.barrier()
+            return
         ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": it,
                 "config": to_dict(cfg), "rng": _rng_state(), "sampler": {"seed": train_sampler.seed, "next_batch": it},
                 "best": best, "history": history}
+        if rng_ranks is not None:
+            ckpt.update(rng_ranks=rng_ranks, distributed=replicas)
         if metrics is not None and (metrics["val_metric"] > best or not best_path.is_file()):
             best = max(best, metrics["val_metric"])
             ckpt["best"] = best
             atomic_torch_save(ckpt, best_path)
             log.info("deepmask: new best %.4f at iteration %d -> %s", best, it, best_path)
         atomic_torch_save(ckpt, last_path)
+        distributed.barrier()
 
+    net = distributed.wrap_ddp(model, device, find_unused_parameters=True)  # alternate: one branch per batch
     model.train()
     if start < dm.iters:
         # A dedicated generator keeps the DataLoader from drawing on the global torch RNG (exact resumption).
         loader = torch.utils.data.DataLoader(
-            PatchStream(train_sampler, start), batch_size=None, num_workers=dm.workers,
+            PatchStream(train_sampler, start, distributed.rank(), distributed.world_size()), batch_size=None, num_workers=dm.workers,
             generator=torch.Generator().manual_seed(cfg.seed), persistent_workers=False,
             prefetch_factor=4 if dm.workers > 0 else None,
             # spawn: forking a parent that holds OpenMP/OpenCV thread pools can deadlock
@@ -261,9 +282,9 @@ def train_deepmask(cfg: Config, out_dir, progress: bool = True, resume: bool = T
                 break
             assert batch["index"] == it, (batch["index"], it)
             for g in optimizer.param_groups:
-                g["lr"] = _lr_at(dm, it)
+                g["lr"] = _lr_at(dm, it) * lr_mult
             x = _to_input(model, batch["images"], device)
-            mk, sc = model(x)
+            mk, sc = net(x)
             loss, st = deepmask_loss(mk, sc, batch["masks"].to(device), batch["labels"].to(device), batch["kind"],
                                      dm.score_weight, dm.patch_size)
             if not torch.isfinite(loss):  # stop before the step: the checkpoints on disk stay good
@@ -271,11 +292,14 @@ def train_deepmask(cfg: Config, out_dir, progress: bool = True, resume: bool = T
                                 f"{loss.item()}): lower deepmask.lr (now {dm.lr:g}); the last good checkpoint "
                                 f"{last_path if last_path.is_file() else '(none yet)'} is kept")
             optimizer.zero_grad(set_to_none=True)
+            if net is not model and not loss.requires_grad:  # DDP: every rank must join the backward
+                loss = loss + 0.0 * (mk.sum() + sc.sum())
             if loss.requires_grad:
                 loss.backward()
                 optimizer.step()
             it += 1
             n_patches += len(batch["labels"])
+            st = distributed.reduce_for_logging(st, mean_keys=sorted(st))  # global batch (same keys on all ranks)
             for k, v in st.items():
                 run[k] = v if k not in run else 0.95 * run[k] + 0.05 * v
             bar.update(1)
@@ -283,10 +307,13 @@ def train_deepmask(cfg: Config, out_dir, progress: bool = True, resume: bool = T
                              "patch/s": f"{n_patches / max(time.time() - t0, 1e-9):.1f}"}, refresh=False)
             metrics = None
             if (dm.val_every and it % dm.val_every == 0) or it == dm.iters:
-                metrics = evaluate(model, val_batches, device, dm.mask_threshold, dm.score_weight)
-                metrics["iteration"] = it
+                if main:
+                    metrics = evaluate(model, val_batches, device, dm.mask_threshold, dm.score_weight)
+                    metrics["iteration"] = it
+                metrics = distributed.broadcast_object(metrics)  # the others wait for rank 0's validation
                 history.append(metrics)
-                write_json(out_dir / "metrics.json", history, indent=1)
+                if main:
+                    write_json(out_dir / "metrics.json", history, indent=1)
                 log.info("deepmask it %d: val mask IoU %.4f, score acc %.4f (mask loss %.4f, score loss %.4f)",
                          it, metrics["mask_iou"], metrics["score_acc"], metrics["mask_loss"], metrics["score_loss"])
             if (dm.checkpoint_every and it % dm.checkpoint_every == 0) or it == dm.iters or metrics is not None:
