@@ -13,9 +13,17 @@ time; we do not (it would change nothing but speed, and would complicate the sli
 Outputs per N in ``out_dir/top<N>/``: the devkit's ``comp4_det_<split>_<class>.txt`` (detector/voc_eval.py's
 writer), ``detections.json`` (COCO-style: image_id, category_id = class index + 1, category, bbox [x,y,w,h] in
 0-based pixels, score) and ``metrics.json``; plus ``out_dir/results.json`` with every N.
+
+Sharded testing (core/distributed.py): ``shard=(I, N)`` detects only images I, I+N, ... (the split of
+``DistributedSampler(shuffle=False)``, padded to equal shards) and writes their detections, exactly, to
+``out_dir/shards/detections-I-of-N.json`` without evaluating; :func:`evaluate_shards` merges the shards per image
+(a padded duplicate keeps its first copy), puts the images back in the split's order and evaluates -- the same files
+and numbers as one process. Under ``torchrun`` every rank takes its shard, rank 0 merges and evaluates (the shard
+files are removed), and every rank returns the results.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -24,13 +32,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.ops import batched_nms
 from tqdm import tqdm
 
+from core import distributed
 from core.errors import ConfigError, DataError, UserError, is_out_of_memory
 from core.images import load_image
-from core.io import write_json
+from core.io import read_json, write_json
 
 from . import voc_eval
 from .model import FastRCNN
@@ -141,7 +150,7 @@ def present_classes(dataset) -> list[str]:
 
 
 def test_detector(model_or_ckpt, store, dataset, tops: list[int], out_dir, cfg=None, device: str | None = None,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, shard: tuple[int, int] | None = None) -> dict:
     """Detect on every image of ``dataset`` with the top N proposals of ``store`` for each N in ``tops``, in ONE
     pass over the images; write the result files per N and return {N: {'mAP', 'ap', 'mAP_all', ...}}.
 
@@ -149,14 +158,22 @@ def test_detector(model_or_ckpt, store, dataset, tops: list[int], out_dir, cfg=N
     against the dataset and split). ``cfg``: a Config whose ``detector`` test fields (test_scale, max_size,
     score_thresh, test_nms, max_dets, svd*) are used; default: the checkpoint's config.
     'mAP' averages the AP over the classes that have (non-difficult) ground truth in the split (all 20 on VOC; the
-    synthetic set uses 6 of the 20 VOC names); 'mAP_all' over all classes (absent ones count 0)."""
+    synthetic set uses 6 of the 20 VOC names); 'mAP_all' over all classes (absent ones count 0).
+    ``shard=(I, N)``: only this shard's detections, written to ``out_dir/shards`` (module docstring); returns
+    {'shard': path, 'images': count}. Under torchrun the ranks are the shards (see the module docstring)."""
     from core.config import from_dict
     from core.store import ProposalStore
 
     tops = sorted({int(t) for t in tops})
     if not tops or tops[0] <= 0:
         raise ConfigError(f"--top: proposal counts must be positive integers, got {tops}")
-    device = device or (cfg.device if cfg is not None else "cpu")
+    if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
+        raise ConfigError(f"shard {shard[0]}/{shard[1]}: need 0 <= I < N")
+    ranks = shard is None and distributed.init()  # under torchrun: one shard per rank
+    if ranks:
+        shard = (distributed.rank(), distributed.world_size())
+    progress = progress and (shard is None or not ranks or distributed.is_main())
+    device = str(distributed.device(device or (cfg.device if cfg is not None else "cpu")))
     model, ckpt = _load_model(model_or_ckpt, device)
     if cfg is None:
         if ckpt is None:
@@ -179,17 +196,20 @@ def test_detector(model_or_ckpt, store, dataset, tops: list[int], out_dir, cfg=N
     max_top = tops[-1]
 
     data = _TestImages(dataset, store, max_top, dcfg.test_scale, dcfg.max_size, model.mean, model.std)
-    loader = DataLoader(data, batch_size=1, shuffle=False, num_workers=min(dcfg.workers, len(data)),
+    sampler = None if shard is None else DistributedSampler(data, num_replicas=shard[1], rank=shard[0], shuffle=False)
+    loader = DataLoader(data, batch_size=1, shuffle=False, sampler=sampler, num_workers=min(dcfg.workers, len(data)),
                         collate_fn=_first, worker_init_fn=_worker_init if dcfg.workers else None,
                         multiprocessing_context="spawn" if dcfg.workers else None)  # fork can deadlock
     per_top = {n: {} for n in tops}  # N -> {image_id: (boxes, scores, labels)}
     n_props = {n: 0 for n in tops}
+    num_proposals = {}  # image_id -> proposals used (shards)
     timing = {"trunk": 0.0, "head": 0.0, "post": 0.0}
     stds = tuple(dcfg.bbox_stds)
     t_start = time.time()
     empty = 0
-    for item in tqdm(loader, total=len(data), desc="test fast-rcnn", unit="img", disable=not progress):
+    for item in tqdm(loader, total=len(loader), desc="test fast-rcnn", unit="img", disable=not progress):
         props = item["proposals"]
+        num_proposals[item["image_id"]] = int(props.shape[0])
         if props.shape[0] == 0:
             empty += 1
         try:
@@ -211,10 +231,31 @@ def test_detector(model_or_ckpt, store, dataset, tops: list[int], out_dir, cfg=N
         timing["head"] += t["head"]
         timing["post"] += time.perf_counter() - t0
     wall = time.time() - t_start
+    if shard is not None:
+        path = _write_shard(out_dir, shard, tops, dataset, store, per_top, num_proposals, timing, wall)
+        if not ranks:  # an independent job (--shard I/N): merge later with evaluate_shards
+            return {"shard": str(path), "images": len(num_proposals)}
+        distributed.barrier()  # every rank's shard is written
+        results = None
+        if distributed.is_main():
+            files = [shard_path(out_dir, (r, shard[1])) for r in range(shard[1])]
+            results = evaluate_shards(files, dataset, out_dir, store=store)
+            for f in files:
+                f.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                files[0].parent.rmdir()
+        results = distributed.broadcast_object(results)
+        return results
+    return _evaluate(dataset, store, tops, out_dir, per_top, n_props, timing, wall, len(data), empty)
+
+
+def _evaluate(dataset, store, tops, out_dir, per_top, n_props, timing, wall, num_images, empty) -> dict:
+    """Evaluate the detections ``per_top`` (N -> {image_id: (boxes, scores, labels)}) and write the result files."""
+    out_dir = Path(out_dir)
     if empty:
         log.warning("%d images have no proposals (no detections for them)", empty)
-    n_img = max(1, len(data))
-    log.info("tested %d images in %.1f s (%.3f s/img: trunk %.3f, head %.3f, post %.3f)", len(data), wall,
+    n_img = max(1, num_images)
+    log.info("tested %d images in %.1f s (%.3f s/img: trunk %.3f, head %.3f, post %.3f)", num_images, wall,
              wall / n_img, timing["trunk"] / n_img, timing["head"] / n_img, timing["post"] / n_img)
 
     present = present_classes(dataset)
@@ -236,18 +277,92 @@ def test_detector(model_or_ckpt, store, dataset, tops: list[int], out_dir, cfg=N
             logging.getLogger(voc_eval.__name__).removeFilter(quiet)
         m = float(np.mean([ev["ap"][c] for c in present])) if present else float("nan")
         res = {"mAP": m, "ap": ev["ap"], "mAP_all": ev["mAP"], "classes_evaluated": present,
-               "num_images": len(data), "avg_proposals": n_props[n] / n_img,
+               "num_images": num_images, "avg_proposals": n_props[n] / n_img,
                "num_detections": int(sum(len(v[1]) for v in per_top[n].values()))}
         write_json(d / "metrics.json", res, indent=1)
         results[n] = res
         log.info("top %d proposals: mAP %.4f over %d classes\n%s", n, m, len(present),
                  voc_eval.format_table({"mAP": m, "ap": {c: ev["ap"][c] for c in present}}))
     write_json(out_dir / "results.json", {
-        "split": dataset.split, "dataset": dataset.name, "proposals": str(getattr(store, "path", "")),
+        "split": dataset.split, "dataset": dataset.name, "proposals": str(getattr(store, "path", store or "")),
         "mAP": {str(n): results[n]["mAP"] for n in tops},
         "timing_s_per_image": {k: v / n_img for k, v in timing.items()}, "wall_s": wall,
         "per_top": {str(n): results[n] for n in tops}}, indent=1)
     return results
+
+
+def shard_path(out_dir, shard: tuple[int, int]) -> Path:
+    return Path(out_dir) / "shards" / f"detections-{shard[0]}-of-{shard[1]}.json"
+
+
+def find_shards(out_dir) -> list[Path]:
+    """The shard files of one ``--shard I/N`` split in ``out_dir/shards``, ordered by I (DataError if none, or if
+    they come from splits with different N)."""
+    import re
+
+    found = []
+    for f in (Path(out_dir) / "shards").glob("detections-*-of-*.json"):
+        m = re.fullmatch(r"detections-(\d+)-of-(\d+)\.json", f.name)
+        if m:
+            found.append((int(m.group(2)), int(m.group(1)), f))
+    if not found or len({n for n, _, _ in found}) != 1:
+        raise DataError(f"{Path(out_dir) / 'shards'}: expected the detection shards of one --shard I/N split, found "
+                        f"{sorted(f.name for _, _, f in found) or 'none'}")
+    return [f for _, _, f in sorted(found)]
+
+
+def _write_shard(out_dir, shard, tops, dataset, store, per_top, num_proposals, timing, wall) -> Path:
+    """One shard's detections, exactly (float32 -> JSON doubles -> float32 round-trips), per N and image."""
+    path = shard_path(out_dir, shard)
+    write_json(path, {
+        "shard": list(shard), "tops": tops, "dataset": dataset.name, "split": dataset.split,
+        "proposals": str(getattr(store, "path", "")), "num_proposals": num_proposals, "timing": timing, "wall_s": wall,
+        "per_top": {str(n): {iid: [b.tolist(), s.tolist(), lab.tolist()] for iid, (b, s, lab) in d.items()}
+                    for n, d in per_top.items()}})
+    log.info("wrote the detections of %d images to %s", len(num_proposals), path)
+    return path
+
+
+def evaluate_shards(shard_files, dataset, out_dir, store=None) -> dict:
+    """Merge the detection shards of :func:`test_detector` (``shard=``) and evaluate them as one run: images in the
+    split's order, a duplicate (DistributedSampler padding) keeps its first copy; every image of ``dataset`` must be
+    in some shard. Writes the same files as an unsharded run and returns its results."""
+    shards = [read_json(f) for f in shard_files]
+    if not shards:
+        raise DataError("no detection shards to merge")
+    ref = shards[0]
+    for f, sh in zip(shard_files, shards):
+        for k in ("tops", "dataset", "split", "proposals"):
+            if sh.get(k) != ref.get(k):
+                raise DataError(f"{f}: shard differs from {shard_files[0]} in '{k}'")
+    if ref["dataset"] != dataset.name or ref["split"] != dataset.split:
+        raise DataError(f"{shard_files[0]}: detections of {ref['dataset']} split '{ref['split']}', not "
+                        f"{dataset.name} split '{dataset.split}'")
+    tops = [int(n) for n in ref["tops"]]
+    num_proposals: dict[str, int] = {}
+    found: dict[int, dict] = {n: {} for n in tops}
+    for sh in shards:
+        for iid, r in sh["num_proposals"].items():
+            if iid in num_proposals:
+                continue  # padding duplicate: keep the first copy
+            num_proposals[iid] = int(r)
+            for n in tops:
+                b, s, lab = sh["per_top"][str(n)][iid]
+                found[n][iid] = (np.asarray(b, np.float32).reshape(-1, 4), np.asarray(s, np.float32),
+                                 np.asarray(lab, np.int64))
+    ids = list(dataset.image_ids)
+    missing = [i for i in ids if i not in num_proposals]
+    if missing:
+        raise DataError(f"{len(missing)} images of {dataset.split} are in no detection shard (first: {missing[0]}); "
+                        f"run every shard I/{len(shards)} first")
+    per_top = {n: {i: found[n][i] for i in ids} for n in tops}
+    n_props = {n: sum(min(n, num_proposals[i]) for i in ids) for n in tops}
+    timing = {k: sum(sh["timing"][k] for sh in shards) for k in ref["timing"]}
+    wall = max(sh["wall_s"] for sh in shards)
+    empty = sum(1 for i in ids if num_proposals[i] == 0)
+    if store is None:
+        store = ref["proposals"]
+    return _evaluate(dataset, store, tops, out_dir, per_top, n_props, timing, wall, len(ids), empty)
 
 
 class _DropAbsentClassWarnings(logging.Filter):

@@ -4,6 +4,10 @@ Each stage writes its outputs under ``runs/<name>/`` and, last, a ``<stage>.done
 everything the stage depends on (its config section, its inputs). A stage whose marker matches is skipped, so a
 stopped run resumes where it was, and a second run of the same config finishes in seconds. Inside a stage the
 library's own checkpoints (training) and per-image files (proposal stores) resume unfinished work.
+
+Under ``torchrun`` (core/distributed.py) every rank runs this same sequence: rank 0 alone makes the data and writes
+the stage markers (the others wait at barriers and take its decisions), and all ranks join each stage, which the
+library distributes itself (DDP training, sharded extraction and testing).
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
+from core import distributed
 from core.config import CocoSource, Config, save_config, section_hash
 from core.errors import ConfigError
 from core.io import read_json, write_json
@@ -91,19 +96,24 @@ class Stages:
         its `outputs` are removed first, so that stale results of an older config are never mixed in; a stage
         that was interrupted under the same key keeps them, and the library resumes from them."""
         marker = self._marker(name)
-        if self.is_done(name, key):
+        main = distributed.is_main()  # torchrun: rank 0 decides and writes the markers, every rank runs fn
+        if distributed.broadcast_object(self.is_done(name, key) if main else None):
             log.info("stage %-34s skipped (done for this config)", name)
             return read_json(marker).get("result")
-        if marker.is_file() and read_json(marker).get("key") != key and outputs is not None and outputs.exists():
-            log.info("stage %-34s config changed: removing %s", name, outputs)
-            shutil.rmtree(outputs)
-        write_json(marker, {"key": key, "status": "running"})
+        if main:
+            if marker.is_file() and read_json(marker).get("key") != key and outputs is not None and outputs.exists():
+                log.info("stage %-34s config changed: removing %s", name, outputs)
+                shutil.rmtree(outputs)
+            write_json(marker, {"key": key, "status": "running"})
+        distributed.barrier()
         log.info("stage %-34s running", name)
         t0 = time.time()
         result = fn()
         dt = time.time() - t0
         self.timings[name] = dt
-        write_json(marker, {"key": key, "status": "done", "result": result, "seconds": round(dt, 1)}, indent=1)
+        if main:
+            write_json(marker, {"key": key, "status": "done", "result": result, "seconds": round(dt, 1)}, indent=1)
+        distributed.barrier()
         log.info("stage %-34s done in %.1f s", name, dt)
         return result
 
@@ -112,10 +122,13 @@ def run_experiment(cfg: Config, progress: bool = True) -> dict:
     """Run (or resume) the full experiment; returns the summary dict (also written to summary.json)."""
     from core.datasets import VOCDataset
 
-    cfg = resolve_data(cfg, progress)
+    distributed.init()
+    progress = progress and distributed.is_main()
+    cfg = distributed.run_on_main(resolve_data, cfg, progress)  # torchrun: rank 0 makes the data
     paths = RunPaths(cfg.run_dir)
-    paths.root.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, paths.root / "config.yaml")
+    if distributed.is_main():
+        paths.root.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, paths.root / "config.yaml")
     stages = Stages(paths.root)
     train_ds = VOCDataset(cfg.data.voc, cfg.data.train_split, max_images=cfg.data.train_images)
     test_ds = VOCDataset(cfg.data.voc, cfg.data.test_split, max_images=cfg.data.test_images)

@@ -4,11 +4,15 @@
         [--max-images N] [--workers K] [--export-coco RES.json] [--top N] [--ss-backend skimage|opencv]
         [--checkpoint CKPT] [--shard I/N] [--config CFG] [--set k=v ...]
     python -m pipelines.propose ... --coco ANN.json --images DIR ...     (a COCO dataset instead of --voc)
+    python -m pipelines.propose --voc DIR/VOC2007 --split SPLIT [--max-images N] --out STORE --merge SHARD ...
+    torchrun --nproc_per_node=G -m pipelines.propose ...                 (G processes share the images)
 
 Rerunning the same command resumes: images already in the store are not recomputed. The resolved config is written
-to STORE/config.yaml. `--shard I/N` (0 <= I < N) takes every N-th image starting at I into its own store; merge
-finished shards with `core.store.merge_stores`. `--export-coco` writes the store as a COCO results json
-(`pipelines.evaluate proposals` scores it).
+to STORE/config.yaml. `--shard I/N` (0 <= I < N) takes every N-th image starting at I into its own store (one --out
+per shard, e.g. independent jobs); `--merge SHARD ...` then merges the finished shard stores into --out in the split's
+order (the same dataset arguments, without --shard): the store one process would have written. Under torchrun the
+ranks share the images and the merged store is written to --out directly (proposals/extract.py).
+`--export-coco` writes the store as a COCO results json (`pipelines.evaluate proposals` scores it).
 """
 from __future__ import annotations
 
@@ -48,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ss-backend", choices=("skimage", "opencv"), help="sets ss.backend")
     p.add_argument("--checkpoint", help="DeepMask checkpoint (method deepmask)")
     p.add_argument("--export-coco", metavar="RES.json", help="also write the proposals as a COCO results json")
+    p.add_argument("--merge", nargs="+", metavar="SHARD", help="merge finished --shard stores into --out (no "
+                   "extraction)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_config_args(p)
     args = p.parse_args(argv)
@@ -62,11 +68,26 @@ def main(argv: list[str] | None = None) -> int:
         cfg = dataclasses.replace(cfg, ss=dataclasses.replace(cfg.ss, backend=args.ss_backend))
     if args.max_images is not None and args.max_images < 1:
         raise UserError(f"--max-images {args.max_images}: must be >= 1")
-    if args.method == "deepmask" and not args.checkpoint:
+    if args.method == "deepmask" and not args.checkpoint and not args.merge:
         raise UserError("--method deepmask needs --checkpoint PATH (a trained DeepMask)")
 
     dataset = open_dataset(voc=args.voc, split=args.split, coco=args.coco, images=args.images)
     ids = list(dataset.image_ids)[: args.max_images]
+    if args.merge:
+        if args.shard:
+            raise UserError("--merge takes the shards of every --shard I/N run: give it without --shard")
+        import shutil
+        from pathlib import Path
+
+        from core.store import merge_stores
+
+        store = merge_stores(args.merge, args.out, image_ids=ids)
+        cfg_file = Path(args.merge[0]) / "config.yaml"
+        if cfg_file.is_file():
+            shutil.copyfile(cfg_file, Path(args.out) / "config.yaml")
+        if args.export_coco:
+            export_coco_results(store, args.export_coco)
+        return 0
     if args.shard:
         i, n = args.shard
         ids = ids[i::n]

@@ -5,6 +5,8 @@ method -> the Figure 5 sweep -> plots and a summary table.
 
 Outputs go to `runs/<name>/`. Every stage is skipped when its output exists for the same config, so a stopped run
 resumes where it was and a finished one returns in seconds.
+
+    torchrun --nproc_per_node=G -m pipelines.run --config configs/shapes.yaml    (G processes; see the README)
 """
 from __future__ import annotations
 
@@ -28,6 +30,10 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     summary = run_experiment(cfg, progress=not args.quiet)
+    from core import distributed
+
+    if not distributed.is_main():  # torchrun: rank 0 prints the summary
+        return 0
     print(format_summary(summary))
     run = cfg.run_dir
     print(f"\nrun folder: {run}  (figure5.png, recall.png, sweep.json, sweep.csv, summary in {time.time() - t0:.0f} s)")

@@ -97,6 +97,10 @@ def run_sweep(run, cfg: Config | None = None, counts: list[int] | None = None, p
             r = res[n]
             rows.append({"method": method, "N": int(n), "mAP": round(float(r["mAP"]), 5),
                          "ap": {k: round(float(v), 5) for k, v in r["ap"].items()}})
+    from core import distributed
+
+    if not distributed.is_main():  # torchrun: every rank joined the tests above; rank 0 writes the rest
+        return {"rows": rows}
     recall = recall_curves(cfg, run, test_ds, methods, max(counts), progress)
     summary = {"name": cfg.name, "test_split": test_ds.split, "dataset": test_ds.name, "counts": counts,
                "rows": rows, "recall": recall["summary"]}

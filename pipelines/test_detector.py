@@ -8,6 +8,12 @@ Writes RESDIR/top<N>/comp4_det_<split>_<class>.txt, detections.json (COCO-style)
 RESDIR/results.json. --set overrides the checkpoint's config (test fields: detector.test_scale, max_size,
 score_thresh, test_nms, max_dets, svd, svd_fc6_rank, svd_fc7_rank, workers; device).
 
+Sharded: `--shard I/N` (independent jobs, same arguments) detects images I, I+N, ... and writes
+RESDIR/shards/detections-I-of-N.json only (last line: {"shard": path, "images": count}); then `--merge` (same
+arguments, no --shard) merges RESDIR/shards/detections-*-of-N.json per image and evaluates: the files and numbers of
+one process. Under `torchrun --nproc_per_node=G -m pipelines.test_detector ...` the ranks are the shards and rank 0
+merges and evaluates by itself.
+
 The last line of stdout is one JSON object:
     {"mAP": {"<N>": float, ...}, "mAP_all": {"<N>": float, ...}, "ap": {"<N>": {"<class>": float}}, "out": RESDIR}
 "mAP" averages AP over the classes with ground truth in the split; "mAP_all" over all classes of the dataset.
@@ -42,8 +48,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a value of the checkpoint's config, e.g. --set detector.svd=true (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--shard", metavar="I/N", help="detect only images I, I+N, ... into RESDIR/shards (no evaluation)")
+    p.add_argument("--merge", action="store_true", help="merge RESDIR/shards (from every --shard I/N) and evaluate")
     args = p.parse_args(argv)
     tops = parse_tops(args.top)
+    shard = None
+    if args.shard is not None:
+        from core.distributed import parse_shard
+
+        shard = parse_shard(args.shard)
+        if args.merge:
+            raise ConfigError("--merge evaluates the shards of every --shard I/N run: give it without --shard")
 
     from core.config import apply_overrides, from_dict
     from core.datasets import VOCDataset
@@ -61,10 +76,19 @@ def main(argv: list[str] | None = None) -> int:
     if not voc:
         raise ConfigError("--voc: no dataset given and the checkpoint's config has no data.voc")
     dataset = VOCDataset(voc, args.split or cfg.data.test_split)
-    try:
-        res = test_detector(ckpt, args.proposals, dataset, tops, args.out, cfg=cfg, progress=not args.no_progress)
-    except CheckpointError as e:  # the library names a checkpoint given as a dict '<checkpoint>': name the file
-        raise CheckpointError(str(e).replace("<checkpoint>", str(args.checkpoint), 1)) from None
+    if args.merge:
+        from detector.test import evaluate_shards, find_shards
+
+        res = evaluate_shards(find_shards(args.out), dataset, args.out)
+    else:
+        try:
+            res = test_detector(ckpt, args.proposals, dataset, tops, args.out, cfg=cfg,
+                                progress=not args.no_progress, shard=shard)
+        except CheckpointError as e:  # the library names a checkpoint given as a dict '<checkpoint>': name the file
+            raise CheckpointError(str(e).replace("<checkpoint>", str(args.checkpoint), 1)) from None
+        if shard is not None:
+            print(json.dumps(res))
+            return 0
     print(json.dumps({"mAP": {str(n): r["mAP"] for n, r in res.items()},
                       "mAP_all": {str(n): r["mAP_all"] for n, r in res.items()},
                       "ap": {str(n): r["ap"] for n, r in res.items()}, "out": args.out}))

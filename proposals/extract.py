@@ -3,6 +3,12 @@
 Each worker process builds its proposer once (model weights, OpenCV objects) and then only receives image paths;
 the parent process is the only writer of the store (one atomic file per image), so an interrupted or failed run
 keeps every finished image and the next run computes only the missing ones.
+
+Under ``torchrun`` (core/distributed.py) :func:`extract_proposals` shards the images over the ranks
+(``DistributedSampler(shuffle=False)`` split: rank r takes images r, r+W, ..., padded to equal shares): each rank
+fills its own shard store ``<out>.shards/<r>-of-<W>`` (resumable like any store), then rank 0 merges the shards
+into ``<out>`` in the split's order with :func:`core.store.merge_stores` (padding duplicates keep the first copy)
+and removes them -- the store is the one a single process writes. With ``device: cuda`` rank r uses GPU LOCAL_RANK.
 """
 from __future__ import annotations
 
@@ -163,6 +169,7 @@ def extract_proposals(cfg, method: str, dataset, out, *, checkpoint: str | None 
     The store is identified by (method, `proposer_params`, dataset, split, image ids): rerunning with the same
     ones resumes, other ones are an error naming the store. The resolved config is written to `out/config.yaml`.
     """
+    from core import distributed
     from core.config import save_config
     from core.store import ProposalStore
 
@@ -171,6 +178,8 @@ def extract_proposals(cfg, method: str, dataset, out, *, checkpoint: str | None 
     ids = list(dataset.image_ids if image_ids is None else image_ids)
     if not ids:
         raise DataError("no images to compute proposals for")
+    if distributed.init() and not _IN_SHARD[0]:
+        return _extract_sharded(cfg, method, dataset, out, checkpoint, workers, ids, progress)
     proposer_factory = functools.partial(build_proposer, method, cfg, checkpoint)
     if workers > 1:  # check the settings once here, before starting workers
         proposer_factory()
@@ -181,6 +190,51 @@ def extract_proposals(cfg, method: str, dataset, out, *, checkpoint: str | None 
     run_extraction(dataset, proposer_factory, store, workers=workers, progress=progress)
     store.finalize()
     return store
+
+
+_IN_SHARD = [False]  # set while a rank extracts its own shard (no further sharding)
+
+
+def _extract_sharded(cfg, method, dataset, out, checkpoint, workers, ids, progress):
+    """extract_proposals under torchrun: one shard store per rank, merged by rank 0 (module docstring)."""
+    import dataclasses
+    import shutil
+
+    from core import distributed
+    from core.config import save_config
+    from core.store import ProposalStore, merge_stores
+
+    from . import method_has_masks, proposer_params
+
+    out = Path(out)
+    rank, world = distributed.rank(), distributed.world_size()
+    done = None
+    if distributed.is_main():  # a finished store for the same identity is reused (or a different one refused)
+        store = ProposalStore.create(out, method=method, params=proposer_params(method, cfg, checkpoint),
+                                     dataset=dataset.name, split=dataset.split, image_ids=ids,
+                                     has_masks=method_has_masks(method))
+        done = bool(store.meta.get("complete"))
+    if distributed.broadcast_object(done):
+        log.info("%s: all %d images already have proposals", out, len(ids))
+        return ProposalStore.open(out)
+    shard_root = out.with_name(out.name + ".shards")
+    mine = list(dict.fromkeys(ids[k] for k in distributed.shard_indices(len(ids), rank, world)))
+    dev = str(distributed.device(cfg.device))
+    cfg_rank = dataclasses.replace(cfg, device=dev) if dev != cfg.device else cfg
+    _IN_SHARD[0] = True
+    try:
+        extract_proposals(cfg_rank, method, dataset, shard_root / f"{rank}-of-{world}", checkpoint=checkpoint,
+                          workers=workers, image_ids=mine, progress=progress and distributed.is_main())
+    finally:
+        _IN_SHARD[0] = False
+    distributed.barrier()  # every shard is finished
+    if distributed.is_main():
+        merge_stores([shard_root / f"{r}-of-{world}" for r in range(world)], out, image_ids=ids)
+        save_config(cfg, out / "config.yaml")
+        shutil.rmtree(shard_root, ignore_errors=True)
+        log.info("%s: merged %d shards (%d images)", out, world, len(ids))
+    distributed.barrier()
+    return ProposalStore.open(out)
 
 
 def export_coco_results(store, path, top: int | None = None) -> int:
