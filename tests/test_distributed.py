@@ -4,8 +4,9 @@ extraction and testing (ranks and independent ``--shard I/N`` jobs) against sing
 One torchrun launch (the module fixture) runs this file as a script (``--harness SPEC``): in one process group of 2
 ranks it calls, in turn, the ``main`` of pipelines.train_proposer, pipelines.propose (DeepMask and SelectiveSearch
 on the test split: 3 images, so DistributedSampler pads one duplicate), pipelines.train_detector,
-pipelines.test_detector, and the library's train_detector stopped at iteration 2 and resumed (exact resume with 2
-ranks). Paying torch's import once per rank keeps the file fast. The references run in the pytest process.
+pipelines.test_detector, pipelines.run (the whole experiment, twice: the second run skips every stage), and the
+library's train_detector stopped at iteration 2 and resumed (exact resume with 2 ranks). Paying torch's import once
+per rank keeps the file fast. The references run in the pytest process.
 """
 from __future__ import annotations
 
@@ -40,6 +41,11 @@ DET = {"detector.trunk": "small", "detector.pretrained": "", "detector.fc_dim": 
        "detector.lr_steps": "[3]", "detector.lr_scaling": "linear",
        "detector.score_thresh": 0.01}  # 4 iterations: class scores ~1/21, below the default 0.05
 TOPS = "5,20"
+# pipelines.run on the synthetic set (configs/shapes.yaml made tiny)
+RUN = {"data.synthetic_trainval": 4, "data.synthetic_test": 3, "data.synthetic_size": 64, "ss.workers": 1,
+       "ss.top_n": 50, "sweep.counts": "[5,20]", "name": "tiny",
+       **{k: v for k, v in DM.items() if k != "deepmask.lr_scaling"},
+       **{k: v for k, v in DET.items() if k not in ("detector.log_every", "detector.lr_scaling")}}
 
 
 def sets(d: dict) -> list[str]:
@@ -95,6 +101,8 @@ def run(tmp_path_factory):
         ("pipelines.test_detector", ["--checkpoint", str(p["det"] / "final.pt"), "--proposals", str(ss_test),
                                      "--top", TOPS, "--out", str(p["res_2r"]), "--no-progress"]),
     ]
+    run_argv = ["--config", str(REPO / "configs/shapes.yaml"), "--quiet", *sets({**RUN, "out_dir": root / "runs"})]
+    entries += [("pipelines.run", run_argv), ("pipelines.run", run_argv)]
     spec = {"entries": entries, "voc": str(voc), "ss_train": str(ss_train), "det_resumed": str(p["det_resumed"])}
     (root / "spec.json").write_text(json.dumps(spec))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -104,7 +112,7 @@ def run(tmp_path_factory):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return {"root": root, "voc": voc, "train": train, "test": test, "ss_train": ss_train, "ss_test": ss_test,
-            "seconds": time.time() - t0, "log": proc.stderr, **p}
+            "seconds": time.time() - t0, "log": proc.stderr, "stdout": proc.stdout, **p}
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -230,6 +238,27 @@ def test_independent_shard_jobs_merge_to_one_process(run, tmp_path):
     for n in (5, 20):
         for f in sorted((run["res_2r"] / f"top{n}").iterdir()):
             assert (tmp_path / "res" / f"top{n}" / f.name).read_bytes() == f.read_bytes(), f
+
+
+def test_pipeline_run_under_torchrun(run):
+    from core.io import load_checkpoint, read_json
+
+    tiny = run["root"] / "runs" / "tiny"
+    for name in ("figure5.png", "recall.png", "sweep.json", "sweep.csv", "deepmask/best.pt",
+                 "proposals/deepmask_test/meta.json", "proposals/selective_search_trainval/meta.json"):
+        assert (tiny / name).is_file(), name
+    for method in ("deepmask", "selective_search"):
+        rep = load_checkpoint(tiny / f"detector_{method}" / "final.pt")["distributed"]
+        assert rep["world_size"] == 2 and rep["identical"], method
+    markers = sorted((tiny / "stages").glob("*.done.json"))
+    assert len(markers) == 8 and all(read_json(m)["status"] == "done" for m in markers)
+    assert not list(tiny.glob("proposals/*.shards")) and not list(tiny.glob("results/*/shards"))
+    summary = read_json(tiny / "sweep.json")
+    assert {(r["method"], r["N"]) for r in summary["rows"]} == {(m, n) for m in ("deepmask", "selective_search")
+                                                                for n in (5, 20)}
+    # the second run skipped every stage; rank 0 alone logged and printed the summary (once per run)
+    assert run["log"].count("skipped (done for this config)") == len(markers)
+    assert run["stdout"].count("Fast R-CNN mAP (%)") == 2
 
 
 # ------------------------------------------------------------------------------------------------ single process
