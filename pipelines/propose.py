@@ -97,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
                                                              else 1)
     store = extract_proposals(cfg, args.method, dataset, args.out, checkpoint=args.checkpoint,
                               workers=max(1, workers), image_ids=ids, progress=not args.no_progress)
-    if args.export_coco:
+    from core.distributed import is_main
+
+    if args.export_coco and is_main():  # torchrun: rank 0 writes it
         export_coco_results(store, args.export_coco)
     return 0
 

@@ -218,6 +218,10 @@ def _extract_sharded(cfg, method, dataset, out, checkpoint, workers, ids, progre
         log.info("%s: all %d images already have proposals", out, len(ids))
         return ProposalStore.open(out)
     shard_root = out.with_name(out.name + ".shards")
+    if distributed.is_main() and shard_root.is_dir():  # shards of another config or world size: start them over
+        _remove_stale_shards(shard_root, world, {"method": method, "params": proposer_params(method, cfg, checkpoint),
+                                                 "dataset": dataset.name, "split": dataset.split})
+    distributed.barrier()
     mine = list(dict.fromkeys(ids[k] for k in distributed.shard_indices(len(ids), rank, world)))
     dev = str(distributed.device(cfg.device))
     cfg_rank = dataclasses.replace(cfg, device=dev) if dev != cfg.device else cfg
@@ -235,6 +239,27 @@ def _extract_sharded(cfg, method, dataset, out, checkpoint, workers, ids, progre
         log.info("%s: merged %d shards (%d images)", out, world, len(ids))
     distributed.barrier()
     return ProposalStore.open(out)
+
+
+def _remove_stale_shards(shard_root: Path, world: int, identity: dict) -> None:
+    import json
+    import shutil
+
+    from core.io import read_json
+
+    identity = json.loads(json.dumps(identity))  # as stored in meta.json
+    for d in shard_root.iterdir():
+        meta = d / "meta.json"
+        stale = not d.name.endswith(f"-of-{world}") or not meta.is_file()
+        if not stale:
+            old = read_json(meta)
+            stale = any(old.get(k) != v for k, v in identity.items())
+        if stale:
+            log.info("%s: removing a shard store of another configuration or number of processes", d)
+            if d.is_dir():
+                shutil.rmtree(d, ignore_errors=True)
+            else:
+                d.unlink(missing_ok=True)
 
 
 def export_coco_results(store, path, top: int | None = None) -> int:

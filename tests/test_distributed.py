@@ -88,6 +88,12 @@ def run(tmp_path_factory):
     ss_train = extract_proposals(cfg, "selective_search", train, root / "ss_train", progress=False).path
     ss_test = extract_proposals(cfg, "selective_search", test, root / "ss_test", progress=False).path
     p = {k: root / k for k in ("dm", "dm_test_2r", "ss_test_2r", "det", "det_resumed", "res_2r")}
+    # leftovers of an interrupted torchrun extraction with another config / number of processes: replaced
+    from core.store import ProposalStore
+
+    ProposalStore.create(root / "ss_test_2r.shards" / "0-of-2", method="selective_search", params={"old": 1},
+                         dataset=test.name, split=test.split, image_ids=test.image_ids[:2])
+    (root / "ss_test_2r.shards" / "1-of-4").mkdir()
     src = f"deepmask.train_sets=[{{ann: '{root / 'shapes/annotations/instances_trainval.json'}', " \
           f"images: '{voc / 'JPEGImages'}'}}]"
     dataset = ["--voc", str(voc), "--split", "test"]
