@@ -149,6 +149,10 @@ def main(argv=None) -> int:
                     help="proposal counts, e.g. 10,20,50,100,200,300,500,1000,2000 (default: the config's)")
     args = ap.parse_args(argv)
     summary = run_sweep(args.run, counts=args.counts)
+    from core import distributed
+
+    if not distributed.is_main():  # torchrun: rank 0 reports
+        return 0
     print(format_summary(summary))
     print(f"wrote {Path(args.run) / 'figure5.png'}, sweep.json, sweep.csv, recall.png, recall.json")
     return 0
