@@ -262,12 +262,14 @@ def train_deepmask(cfg: Config, out_dir, progress: bool = True, resume: bool = T
         atomic_torch_save(ckpt, last_path)
         distributed.barrier()
 
-    net = distributed.wrap_ddp(model, device, find_unused_parameters=True)  # alternate: one branch per batch
+    # alternate batches train one branch each: DDP must allow parameters without gradient
+    net = distributed.wrap_ddp(model, device, find_unused_parameters=dm.batch_mode != "joint")
     model.train()
     if start < dm.iters:
         # A dedicated generator keeps the DataLoader from drawing on the global torch RNG (exact resumption).
         loader = torch.utils.data.DataLoader(
-            PatchStream(train_sampler, start, distributed.rank(), distributed.world_size()), batch_size=None, num_workers=dm.workers,
+            PatchStream(train_sampler, start, distributed.rank(), distributed.world_size()), batch_size=None,
+            num_workers=dm.workers,
             generator=torch.Generator().manual_seed(cfg.seed), persistent_workers=False,
             prefetch_factor=4 if dm.workers > 0 else None,
             # spawn: forking a parent that holds OpenMP/OpenCV thread pools can deadlock
