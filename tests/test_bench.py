@@ -1,0 +1,107 @@
+"""pipelines.bench: the --quick smoke run writes well-formed JSON (no timing thresholds: the machine is shared)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core.errors import UserError
+from pipelines import benchlib
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bench(*args, timeout=240):
+    return subprocess.run([sys.executable, "-m", "pipelines.bench", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "quick.json"
+    r = _bench("--quick", "--json", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(out.read_text()), r.stdout
+
+
+def test_quick_run_writes_expected_keys_and_positive_medians(quick):
+    doc, stdout = quick
+    for k in ("argv", "host", "settings", "config", "results", "ratios", "checks", "errors", "load_avg_start"):
+        assert k in doc
+    assert doc["errors"] == {}
+    assert set(doc["results"]) == set(benchlib.QUICK_SET)
+    for name, r in doc["results"].items():
+        assert r["median"] > 0 and r["p10"] <= r["median"] <= r["p90"], name
+        assert r["n"] >= 1 and r["peak_rss_mb"] > 0 and r["torch_threads"] >= 1, name
+        assert r["unit"] in ("s/image", "s", "patches/s", "images/s"), name
+    assert doc["results"]["deepmask.small.batched"]["detail"]["scale_batch"] is True
+    assert doc["results"]["frcnn_test.small.top2000"]["detail"]["proposals"] == 2000
+    ratio = doc["ratios"]["deepmask.small.batched / deepmask.small.per_scale"]
+    assert ratio["median_ratio"] > 0 and ratio["paired"] > 0
+    assert "ss.opencv / ss.skimage" in doc["ratios"]
+    check = doc["checks"]["deepmask.small: batched == per_scale"]
+    assert check["images"] == 2 and check["identical"] is True
+    # the printed table names every measurement
+    for name in doc["results"]:
+        assert name in stdout
+
+
+def test_spawn_isolation_and_only(tmp_path):
+    out = tmp_path / "voc.json"
+    r = _bench("--quick", "--only", "voc07_eval", "--isolation", "spawn", "--voc-images", "30", "--json", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert list(doc["results"]) == ["voc07_eval"]
+    res = doc["results"]["voc07_eval"]
+    assert res["median"] > 0 and res["peak_rss_mb"] > 0 and res["detail"]["images"] == 30
+    assert res["detail"]["detections_total"] == 30 * 20 * 100
+
+
+def test_bad_arguments_are_one_line_errors(tmp_path):
+    r = _bench("--images", str(tmp_path / "nope"))
+    assert r.returncode == 2 and r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+    r = _bench("--only", "no_such_measurement")
+    assert r.returncode == 2 and "no_such_measurement" in r.stderr
+
+
+def test_plan_and_image_resolution(tmp_path):
+    names = benchlib.all_measurements()
+    assert "deepmask.efficientnet_lite0.batched" in names and "frcnn_test.vgg16.top2000" in names
+    opts = benchlib.BenchOptions(only=["deepmask.efficientnet_lite0.*", "ss"])
+    assert benchlib.plan(opts) == ["deepmask.efficientnet_lite0.per_scale", "deepmask.efficientnet_lite0.batched",
+                                   "ss.skimage", "ss.opencv"]
+    with pytest.raises(UserError):
+        benchlib.plan(benchlib.BenchOptions(only=["nothing"]))
+    # a VOC layout with a split, and a plain folder
+    voc = tmp_path / "VOC2007"
+    (voc / "ImageSets" / "Main").mkdir(parents=True)
+    (voc / "JPEGImages").mkdir()
+    for i in ("a", "b", "c"):
+        (voc / "JPEGImages" / f"{i}.jpg").write_bytes(b"x")
+    (voc / "ImageSets" / "Main" / "val.txt").write_text("b\nc\n")
+    paths, desc = benchlib.resolve_images(f"{voc}:val", 20)
+    assert [Path(p).name for p in paths] == ["b.jpg", "c.jpg"] and "val" in desc
+    assert benchlib.resolve_images(str(voc), 1)[0] == paths[:1]  # split defaults to val
+    paths, _ = benchlib.resolve_images(str(voc / "JPEGImages"), 2)
+    assert [Path(p).name for p in paths] == ["a.jpg", "b.jpg"]
+    with pytest.raises(UserError):
+        benchlib.resolve_images(f"{voc}:test", 20)
+
+
+def test_summaries_and_voc_inputs():
+    s = benchlib.summarize([3.0, 1.0, 2.0], "s/image")
+    assert s["median"] == 2.0 and s["min"] == 1.0 and s["max"] == 3.0 and s["n"] == 3 and s["p10"] < 2 < s["p90"]
+    b = benchlib.random_boxes(375, 500, 1000, 0)
+    assert b.shape == (1000, 4) and (b[:, 2] > b[:, 0]).all() and (b[:, 3] > b[:, 1]).all()
+    assert b[:, [0, 2]].min() >= 0 and b[:, 2].max() <= 500 and b[:, 3].max() <= 375
+    records, dets, classes = benchlib.synthetic_voc_eval_inputs(5, 20, 10)
+    assert len(records) == 5 and len(classes) == 20
+    assert all(len(v[0]) == 10 for d in dets.values() for v in d.values())
+    from detector.voc_eval import evaluate_detections
+
+    m = evaluate_detections(records, dets, classes)["mAP"]
+    assert 0 < m <= 1 and np.isfinite(m)
