@@ -29,7 +29,8 @@ from core import distributed  # noqa: E402
 
 torch.set_num_threads(1)
 
-DM = {"deepmask.trunk": "small", "deepmask.patch_size": 48, "deepmask.object_size": 24, "deepmask.mask_size": 8,
+DM = {"deepmask.trunk": "small", "deepmask.pretrained": "", "deepmask.patch_size": 48, "deepmask.object_size": 24,
+      "deepmask.mask_size": 8,
       "deepmask.seg_channels": 8, "deepmask.lowrank_dim": 8, "deepmask.score_hidden": "[8, 8]",
       "deepmask.batch_size": 4, "deepmask.pos_shift": 4, "deepmask.neg_shift": 8, "deepmask.workers": 0,
       "deepmask.val_batches": 1, "deepmask.val_every": 2, "deepmask.checkpoint_every": 2, "deepmask.iters": 4,
