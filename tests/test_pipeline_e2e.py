@@ -13,7 +13,8 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY = [
+TINY = [  # the machinery, not the accuracy: tiny data, random-init small trunks, a few iterations
+    "deepmask.trunk=small", "deepmask.pretrained=", "detector.trunk=small", "detector.pretrained=",
     "data.synthetic_trainval=6", "data.synthetic_test=4", "data.synthetic_size=128",
     "deepmask.iters=4", "deepmask.batch_size=8", "deepmask.val_every=2", "deepmask.val_batches=1",
     "deepmask.checkpoint_every=2", "deepmask.workers=0", "deepmask.top_n=150", "deepmask.scale_min=-1",
