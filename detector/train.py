@@ -254,6 +254,24 @@ def _identity(cfg: Config, store_path: str, top: int | None, classes) -> dict:
             "classes": list(classes)}
 
 
+def _with_new_defaults(old: dict | None) -> dict:
+    """A checkpoint's identity with detector keys added to the config since it was written set to their defaults
+    (so adding a config field does not make older checkpoints unresumable)."""
+    from core.config import DetectorConfig
+
+    old = dict(old or {})
+    det = dict(old.get("detector") or {})
+    for k, v in to_dict(DetectorConfig()).items():
+        if k not in RESUMABLE_KEYS:
+            det.setdefault(k, v)
+    old["detector"] = det
+    return old
+
+
+def _same_identity(old: dict | None, new: dict) -> bool:
+    return old == new or _with_new_defaults(old) == new
+
+
 def latest_checkpoint(out_dir) -> Path | None:
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
@@ -330,7 +348,7 @@ def train_detector(cfg: Config, store, dataset, out_dir, top: int | None = None,
     final = out_dir / "final.pt"
     if final.is_file():
         ck = load_checkpoint(final)
-        if ck.get("identity") == ident and ck.get("iteration") == dcfg.iters:
+        if _same_identity(ck.get("identity"), ident) and ck.get("iteration") == dcfg.iters:
             log.info("%s exists for this config; training skipped", final)
             return {"final": str(final), "iteration": dcfg.iters, "losses": []}
 
@@ -351,8 +369,8 @@ def train_detector(cfg: Config, store, dataset, out_dir, top: int | None = None,
     ckpt_path = latest_checkpoint(out_dir)
     if ckpt_path is not None:
         ck = load_checkpoint(ckpt_path)
-        if ck.get("identity") != ident:
-            old = ck.get("identity") or {}
+        if not _same_identity(ck.get("identity"), ident):
+            old = _with_new_defaults(ck.get("identity"))
             diff = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k))
             if "detector" in diff:
                 diff.remove("detector")
