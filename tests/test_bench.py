@@ -105,3 +105,78 @@ def test_summaries_and_voc_inputs():
 
     m = evaluate_detections(records, dets, classes)["mAP"]
     assert 0 < m <= 1 and np.isfinite(m)
+
+
+# --------------------------------------------------------------------------- optimisations measured by the bench
+def test_pack_canvases_separates_and_covers():
+    from proposals.deepmask.infer import pack_canvases
+
+    sizes = [(61, 77), (48, 59), (38, 46), (31, 37), (26, 30), (23, 26), (20, 22)]
+    where, (H, W), gaps = pack_canvases(sizes, gap=2)
+    occ = np.zeros((H, W), np.int64)
+    for (r, c), (h, w) in zip(where, sizes):
+        assert r >= 0 and c >= 0 and r + h <= H and c + w <= W
+        # the canvas grown by the gap on every side overlaps no other canvas
+        assert occ[max(0, r - 2):r + h + 2, max(0, c - 2):c + w + 2].sum() == 0
+        occ[r:r + h, c:c + w] += 1
+    covered = np.zeros((H, W), bool)
+    for r0, c0, r1, c1 in gaps:
+        covered[r0:r1, c0:c1] = True
+    np.testing.assert_array_equal(covered, occ == 0)
+    assert H * W < 1.6 * sum(h * w for h, w in sizes)  # a reasonably tight mosaic
+
+
+def test_fused_trunks_match():
+    import torch
+
+    from core.backbones import build_trunk, fuse_for_inference
+
+    torch.manual_seed(0)
+    for name in ("small", "efficientnet_lite0"):
+        trunk = build_trunk(name)
+        for m in trunk.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):  # non-trivial statistics
+                with torch.no_grad():
+                    m.running_mean.normal_(0, 0.1)
+                    m.running_var.uniform_(0.5, 2.0)
+                    m.bias.normal_(0, 0.1)
+        trunk.eval()
+        fused = fuse_for_inference(trunk)
+        assert not [m for m in fused.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        for shape in ((1, 3, 64, 96), (1, 3, 65, 99)):  # even sizes take the grown kernel, odd ones F.pad
+            x = torch.randn(shape)
+            with torch.no_grad():
+                a, b = trunk(x), fused(x.contiguous(memory_format=torch.channels_last))
+            assert a.shape == b.shape and float((a - b).abs().max()) <= 1e-5 * float(a.abs().max())
+
+
+@pytest.mark.parametrize("trunk", ["small", "efficientnet_lite0"])
+def test_batched_scales_give_identical_proposals(trunk):
+    """scale_batch (all scales in one mosaic pass) == one scale at a time, exactly: boxes, scores and masks."""
+    import torch
+
+    from core.config import DeepMaskConfig
+    from proposals.deepmask.infer import DeepMaskProposer
+    from proposals.deepmask.model import build_deepmask
+
+    torch.set_num_threads(1)
+    # paper geometry (224-px patches: canvases of at least 14x14 cells; for maps of a few cells oneDNN may pick
+    # kernels that sum in another order for another map size, which the mosaic cannot reproduce); tiny heads
+    dm = DeepMaskConfig(trunk=trunk, mask_size=8, seg_channels=8, lowrank_dim=8, score_hidden=[8, 8],
+                        scale_min=-1.0, scale_max=0.5, scale_step=0.5, top_n=60, chunk=16, mask_threshold=0.5)
+    torch.manual_seed(0)
+    model = build_deepmask(dm, pretrained=False)
+    with torch.no_grad():  # non-zero biases and BN statistics: the gaps of the mosaic must not leak
+        for m in model.trunk.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.2)
+                m.bias.normal_(0, 0.2)
+    img = np.random.default_rng(0).integers(0, 256, (120, 170, 3), dtype=np.uint8)
+    one = DeepMaskProposer(model, dm, "cpu")(img)
+    import dataclasses
+
+    batched = DeepMaskProposer(model, dataclasses.replace(dm, scale_batch=True), "cpu")(img)
+    assert len(one[0]) > 10
+    np.testing.assert_array_equal(one[0], batched[0])
+    np.testing.assert_array_equal(one[1], batched[1])
+    assert one[2] == batched[2]

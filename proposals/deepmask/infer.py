@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
+from core.backbones import SamePadConv2d, fuse_for_inference
 from core.errors import ConfigError, ImageError
 
 from .model import DeepMask
@@ -40,7 +41,7 @@ from .sampler import pad_rgb_for
 
 log = logging.getLogger(__name__)
 
-__all__ = ["inference_scales", "DeepMaskProposer", "build_deepmask_proposer", "paste_mask"]
+__all__ = ["inference_scales", "DeepMaskProposer", "build_deepmask_proposer", "paste_mask", "pack_canvases"]
 
 # DeepMaskConfig keys that define the trained network (taken from the checkpoint, never from the run's config).
 MODEL_KEYS = ("trunk", "head", "seg_channels", "lowrank_dim", "mask_size", "patch_size", "object_size",
@@ -62,6 +63,45 @@ def inference_scales(dm) -> list[float]:
     if dm.zoom:
         exps.append(exps[-1] + dm.scale_step)
     return [2.0 ** e for e in exps]
+
+
+def pack_canvases(sizes: list[tuple[int, int]], gap: int = 2):
+    """Tile rectangles ``sizes`` [(h, w)] (in cells) into one mosaic, at least ``gap`` empty cells between any two:
+    skyline bottom-left packing, tallest first, for several mosaic widths, keeping the smallest area.
+    Returns (top-left (row, col) per rectangle in the input order, (H, W) of the mosaic, empty-cell rectangles
+    [(r0, c0, r1, c1)] that together cover every cell outside the rectangles)."""
+    order = sorted(range(len(sizes)), key=lambda i: (-sizes[i][0], -sizes[i][1]))
+    max_w = max(w for _, w in sizes)
+    sum_w = sum(w for _, w in sizes) + gap * (len(sizes) - 1)
+    best = None
+    for limit in sorted({int(round(max_w + t * (sum_w - max_w))) for t in np.linspace(0, 1, 13)}):
+        sky = np.zeros(limit + gap, np.int64)  # per column: first free row (gaps included)
+        where = [None] * len(sizes)
+        for i in order:
+            h, w = sizes[i]
+            tops = [int(sky[x:x + w + gap].max()) for x in range(0, limit - w + 1)]
+            x = int(np.argmin(tops))
+            where[i] = (tops[x], x)
+            sky[x:x + w + gap] = tops[x] + h + gap
+        H = max(r + sizes[i][0] for i, (r, _) in enumerate(where))
+        W = max(c + sizes[i][1] for i, (_, c) in enumerate(where))
+        if best is None or H * W < best[1][0] * best[1][1]:
+            best = (where, (H, W))
+    where, (H, W) = best
+    free = np.ones((H, W), bool)
+    for (r, c), (h, w) in zip(where, sizes):
+        free[r:r + h, c:c + w] = False
+    gaps, open_runs = [], {}
+    for r in range(H + 1):
+        runs = set()
+        if r < H:
+            d = np.diff(np.concatenate([[0], free[r].astype(np.int8), [0]]))
+            runs = set(zip(np.flatnonzero(d == 1).tolist(), np.flatnonzero(d == -1).tolist()))
+        for run in [k for k in open_runs if k not in runs]:
+            gaps.append((open_runs.pop(run), run[0], r, run[1]))
+        for run in runs - set(open_runs):
+            open_runs[run] = r
+    return where, (H, W), gaps
 
 
 def paste_mask(logits: np.ndarray, ox: float, oy: float, lx: float, ly: float, height: int, width: int,
@@ -106,6 +146,20 @@ class DeepMaskProposer:
         self.pad_rgb = np.array(pad_rgb_for(dm.pad_color, model.trunk.mean), np.float32)
         t = float(dm.mask_threshold)
         self.logit_thr = math.log(t / (1.0 - t))
+        # Speed (issue 10, measured with pipelines.bench): an inference copy of the trunk with BatchNorm folded into
+        # the convolutions, channels-last; the first mask layer with its input in (y, x, channel) order, so that the
+        # windows gathered from a channels-last map need no transposition (masks_at computes the same values).
+        self.trunk = fuse_for_inference(model.trunk).to(self.device)
+        self._mosaic = None  # set while the trunk runs on a mosaic of all scales (scale_batch)
+        for m in self.trunk.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.MaxPool2d, SamePadConv2d)):
+                m.register_forward_hook(self._zero_gaps)
+        first = model.seg_lowrank if model.seg_lowrank is not None else model.seg_out
+        f, c = model.feat_size, model.seg_conv.out_channels
+        self.first_w = first.weight.detach().view(-1, c, f, f).permute(0, 2, 3, 1).reshape(first.out_features, -1) \
+            .contiguous()
+        self.first_b = first.bias.detach()
+        self.window = (torch.arange(f, device=self.device)[:, None], torch.arange(f, device=self.device)[None, :])
 
     # ------------------------------------------------------------------------------------------ scales
     def _canvas(self, image: np.ndarray, e: float):
@@ -127,42 +181,101 @@ class DeepMaskProposer:
         canvas[self.pad:self.pad + sh, self.pad:self.pad + sw] = scaled
         return torch.from_numpy(canvas).permute(2, 0, 1).div_(255.0)
 
+    # ------------------------------------------------------------------------------------------ trunk + heads
+    def _mosaic_ok(self) -> bool:
+        """The mosaic of scale_batch gives the per-scale values only if every layer maps the zeroed gaps to zeros
+        or is zeroed by _zero_gaps: convolutions and max-pools (hooked), ReLU-type activations, residual sums, and
+        zero padding -- the folded trunks of core.backbones. Anything else (an unfolded BatchNorm, ...) falls back
+        to one scale at a time."""
+        if not hasattr(self, "_mosaic_checked"):
+            ok_leaf = (torch.nn.Conv2d, torch.nn.MaxPool2d, torch.nn.ReLU, torch.nn.ReLU6, torch.nn.Identity,
+                       torch.nn.Dropout)
+            bad = [type(m).__name__ for m in self.trunk.modules() if not list(m.children())
+                   and not isinstance(m, ok_leaf)]
+            if bad:
+                log.warning("deepmask: scale_batch: trunk layer %s cannot run on a mosaic; scales run one at a time",
+                            bad[0])
+            self._mosaic_checked = not bad
+        return self._mosaic_checked
+
+    def _zero_gaps(self, module, inputs, out):
+        """Forward hook of the trunk's convolutions and max-pools: while a mosaic runs, zero its gaps (the cells
+        outside every canvas), so each canvas sees zeros around it at every layer, as a conv's zero padding."""
+        if self._mosaic is None:
+            return None
+        (hc, wc), rects = self._mosaic  # mosaic size and gap rectangles, in trunk cells (stride px)
+        k = out.shape[-2] // hc
+        if k * hc != out.shape[-2] or k * wc != out.shape[-1]:
+            raise RuntimeError(f"deepmask scale_batch: {type(module).__name__} output {tuple(out.shape)} is not "
+                               f"aligned with the {hc}x{wc}-cell mosaic")
+        for r0, c0, r1, c1 in rects:
+            out[..., r0 * k:r1 * k, c0 * k:c1 * k] = 0
+        return None
+
+    def _valid_scores(self, scores: torch.Tensor, plan) -> torch.Tensor:
+        """Score logits with -inf where the patch centre is outside the scaled image."""
+        sw, sh = plan[2]
+        # patch (u, v) has its centre at 16v + P/2 - pad in scaled-image pixels: keep centres in the image
+        ny = min(scores.shape[0], int(math.floor((sh + self.pad - self.patch / 2) / self.stride)) + 1)
+        nx = min(scores.shape[1], int(math.floor((sw + self.pad - self.patch / 2) / self.stride)) + 1)
+        y_lo = max(0, int(math.ceil((self.pad - self.patch / 2) / self.stride)))
+        x_lo = max(0, int(math.ceil((self.pad - self.patch / 2) / self.stride)))
+        valid = torch.full(scores.shape, -math.inf, dtype=torch.float32)
+        valid[y_lo:ny, x_lo:nx] = scores[y_lo:ny, x_lo:nx].float().cpu()
+        return valid
+
     @torch.inference_mode()
     def _score_all(self, image: np.ndarray):
-        """Per scale: (ex, ey, score logits (Ho, Wo) on CPU restricted to patch centres in the image, seg features
-        on the device)."""
+        """Per scale: (ex, ey, score logits (Ho, Wo) on CPU restricted to patch centres in the image, (table, row,
+        col, width)): the segmentation features of the scale are the rows of ``table`` (a channels-last map
+        flattened to (cells, seg_channels)), its patch (u, v) has its top-left feature cell at row
+        ``(row + u) * width + col + v``.
+
+        One scale at a time, or with ``scale_batch`` all scales in ONE pass (§4 "Speed": "batching all scales"):
+        the padded canvases of all scales are tiled into one mosaic image (pack_canvases: 2 trunk cells of zeros
+        between them, offsets on the 16-px grid) and the gaps are zeroed after every convolution / max-pool, so
+        every canvas sees exactly what it sees alone -- zeros around it -- and its features, scores and masks are
+        identical to the one-scale-at-a-time ones (tests/test_bench.py; bit for bit as long as the convolution
+        kernels compute an output pixel the same way for another map size, as oneDNN does here for maps of a
+        patch or more; pipelines.bench checks it on every run). On a CPU this saves the many small
+        per-scale calls (and copes far better with other processes sharing the cores); it holds the whole mosaic's
+        activations at once (memory: see max_image_side)."""
         h, w = image.shape[:2]
         base = 1.0
         if self.dm.max_image_side and max(h, w) > self.dm.max_image_side:
             base = self.dm.max_image_side / max(h, w)
         plans = [self._canvas(image, base * s) for s in self.scales]
-        model = self.model
+        model, st = self.model, self.stride
         outs = []
 
-        def heads(feat, plan):
-            (ex, ey), (sw, sh) = plan[1], plan[2]
-            scores = model.dense_scores(feat)[0]
-            # patch (u, v) has its centre at 16v + P/2 - pad in scaled-image pixels: keep centres in the image
-            ny = min(scores.shape[0], int(math.floor((sh + self.pad - self.patch / 2) / self.stride)) + 1)
-            nx = min(scores.shape[1], int(math.floor((sw + self.pad - self.patch / 2) / self.stride)) + 1)
-            y_lo = max(0, int(math.ceil((self.pad - self.patch / 2) / self.stride)))
-            x_lo = max(0, int(math.ceil((self.pad - self.patch / 2) / self.stride)))
-            valid = torch.full_like(scores, -math.inf)
-            valid[y_lo:ny, x_lo:nx] = scores[y_lo:ny, x_lo:nx]
-            outs.append((ex, ey, valid.float().cpu(), model.seg_features(feat)))
+        def normalized(p):
+            return model.normalize(self._tensor(p[0], *p[3])[None].to(self.device))
 
-        if self.dm.scale_batch and len(plans) > 1:
-            hmax = max(p[3][0] for p in plans)
-            wmax = max(p[3][1] for p in plans)
-            batch = torch.stack([self._tensor(p[0], hmax, wmax) for p in plans]).to(self.device)
-            feats = model.features(model.normalize(batch))
-            for i, p in enumerate(plans):
-                hf, wf = p[3][0] // self.stride, p[3][1] // self.stride
-                heads(feats[i:i + 1, :, :hf, :wf], p)
+        def seg_table(feat):
+            seg = model.seg_features(feat)[0].permute(1, 2, 0)  # (Hf, Wf, S), contiguous for channels-last
+            return seg.reshape(-1, seg.shape[-1]), seg.shape[1]
+
+        if self.dm.scale_batch and len(plans) > 1 and self._mosaic_ok():
+            cells = [(p[3][0] // st, p[3][1] // st) for p in plans]
+            where, (hm, wm), gaps = pack_canvases(cells, gap=2)
+            x = torch.zeros((1, 3, hm * st, wm * st), device=self.device).contiguous(
+                memory_format=torch.channels_last)
+            for (r, c), p in zip(where, plans):
+                x[:, :, r * st:r * st + p[3][0], c * st:c * st + p[3][1]] = normalized(p)
+            self._mosaic = ((hm, wm), gaps)
+            try:
+                feat = self.trunk(x)
+            finally:
+                self._mosaic = None
+            # the heads run on each canvas's features, as one scale at a time does: their kernels may pick other
+            # summation orders for other map sizes (last-bit differences), so the same shapes keep them identical
+            feats = [feat[:, :, r:r + hf, c:c + wf].contiguous(memory_format=torch.channels_last)
+                     for (r, c), (hf, wf) in zip(where, cells)]
         else:
-            for p in plans:
-                x = self._tensor(p[0], *p[3])[None].to(self.device)
-                heads(model.features(model.normalize(x)), p)
+            feats = (self.trunk(normalized(p).contiguous(memory_format=torch.channels_last)) for p in plans)
+        for feat, p in zip(feats, plans):
+            table, width = seg_table(feat)
+            outs.append((*p[1], self._valid_scores(model.dense_scores(feat)[0], p), (table, 0, 0, width)))
         return outs
 
     # ------------------------------------------------------------------------------------------ call
@@ -181,6 +294,21 @@ class DeepMaskProposer:
         n_finite = int(torch.isfinite(flat).sum())
         order = order[:n_finite]
 
+        # segmentation features of every scale as rows of one table (all scales share one with scale_batch)
+        tables, first_row = [], {}
+        for _, _, _, (tab, _, _, _) in per_scale:
+            if id(tab) not in first_row:
+                first_row[id(tab)] = sum(len(t) for t in tables)
+                tables.append(tab)
+        table = tables[0] if len(tables) == 1 else torch.cat(tables)
+        # per scale: table row of the top-left cell of patch (0, 0), row pitch, score-map width, scale factors
+        origin = np.array([first_row[id(t)] + r * wd + c for _, _, _, (t, r, c, wd) in per_scale], np.int64)
+        pitch = np.array([wd for _, _, _, (_, _, _, wd) in per_scale], np.int64)
+        nx = np.array([s.shape[1] for _, _, s, _ in per_scale], np.int64)
+        exs = np.array([e[0] for e in per_scale], np.float64)
+        eys = np.array([e[1] for e in per_scale], np.float64)
+        wy, wx = (a.cpu().numpy() for a in self.window)
+
         boxes, scores, rles = [], [], []
         buf = np.zeros((h, w, 1), np.uint8, order="F")
         model, p = self.model, self.patch
@@ -190,19 +318,19 @@ class DeepMaskProposer:
             pos += len(idx)
             si = np.searchsorted(offsets, idx, side="right") - 1
             cand_scores = flat[idx].numpy()
-            logits = np.empty((len(idx), model.mask_size, model.mask_size), np.float32)
-            geo = np.empty((len(idx), 4), np.float64)
-            for s in np.unique(si):
-                sel = np.flatnonzero(si == s)
-                ex, ey, smap, seg = per_scale[s]
-                local = idx[sel] - offsets[s]
-                us, vs = local // smap.shape[1], local % smap.shape[1]
-                t = lambda a: torch.as_tensor(a, device=seg.device, dtype=torch.long)  # noqa: E731
-                logits[sel] = model.masks_at(seg, t(np.zeros_like(us)), t(us), t(vs)).float().cpu().numpy()
-                geo[sel, 0] = (self.stride * vs - self.pad) / ex
-                geo[sel, 1] = (self.stride * us - self.pad) / ey
-                geo[sel, 2] = p / ex
-                geo[sel, 3] = p / ey
+            local = idx - offsets[si]
+            us, vs = local // nx[si], local % nx[si]
+            # masks of the chunk's candidates, all scales at once: their f x f windows of seg features gathered
+            # from the table (K, f, f, S) times the first mask layer (model.masks_at, in (y, x, c) order)
+            top = origin[si] + us * pitch[si] + vs
+            rows = top[:, None, None] + wy[None] * pitch[si][:, None, None] + wx[None]
+            win = table[torch.from_numpy(rows.reshape(-1)).to(table.device)].view(len(idx), -1)
+            hid = torch.nn.functional.linear(win, self.first_w, self.first_b)
+            if model.seg_lowrank is not None:
+                hid = model.seg_out(hid)
+            logits = hid.view(-1, model.mask_size, model.mask_size).float().cpu().numpy()
+            geo = np.stack([(self.stride * vs - self.pad) / exs[si], (self.stride * us - self.pad) / eys[si],
+                            p / exs[si], p / eys[si]], 1)
             new_boxes, new_scores, new_rles = [], [], []
             for k in range(len(idx)):
                 r = paste_mask(logits[k], *geo[k], h, w, self.logit_thr)
