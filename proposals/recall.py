@@ -86,11 +86,13 @@ class RecallGT:
 
     def coco_id(self, image_id) -> int:
         key = image_id if isinstance(image_id, str) else str(image_id)
-        try:
+        if key in self.id_map:
             return self.id_map[key]
-        except KeyError:
-            raise DataError(f"results name image id {image_id!r}, which is not in the ground truth "
-                            f"{self.name}") from None
+        if key.isdigit() and str(int(key)) in self.id_map:
+            # a VOC-style zero-padded id ('000241') of a COCO json whose int id is 241 (the synthetic set)
+            return self.id_map[str(int(key))]
+        raise DataError(f"results name image id {image_id!r}, which is not in the ground truth "
+                        f"{self.name}") from None
 
 
 def _quiet_coco(dataset: dict):
