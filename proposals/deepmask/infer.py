@@ -199,17 +199,31 @@ class DeepMaskProposer:
         return self._mosaic_checked
 
     def _zero_gaps(self, module, inputs, out):
-        """Forward hook of the trunk's convolutions and max-pools: while a mosaic runs, zero its gaps (the cells
-        outside every canvas), so each canvas sees zeros around it at every layer, as a conv's zero padding."""
+        """Forward hook of the trunk's convolutions and max-pools: while a mosaic runs, zero a band of 3 pixels
+        (2 at stride 16: the gap) around every canvas, so that the next layer, which reaches at most that far
+        outside a canvas (3x3 / 5x5 kernels, and the grown 4x4 / 6x6 kernels of the stride-2 "SAME" convolutions,
+        which read up to 3 pixels past the bottom / right edge), sees zeros around each canvas exactly as the zero
+        padding of a canvas alone. Gap pixels farther out hold whatever they hold: nothing reads them into a canvas
+        (zeroing all of them costs a sixth of the trunk's time)."""
         if self._mosaic is None:
             return None
-        (hc, wc), rects = self._mosaic  # mosaic size and gap rectangles, in trunk cells (stride px)
-        k = out.shape[-2] // hc
+        (hc, wc), canvases = self._mosaic  # mosaic size and canvas rectangles (row, col, h, w), in trunk cells
+        k = out.shape[-2] // hc  # pixels per cell at this layer
         if k * hc != out.shape[-2] or k * wc != out.shape[-1]:
             raise RuntimeError(f"deepmask scale_batch: {type(module).__name__} output {tuple(out.shape)} is not "
                                f"aligned with the {hc}x{wc}-cell mosaic")
-        for r0, c0, r1, c1 in rects:
-            out[..., r0 * k:r1 * k, c0 * k:c1 * k] = 0
+        b = min(3, 2 * k)  # the 2-cell gap is 2k pixels wide: the band never reaches another canvas
+        # (N, H, W, C) view; on the CPU through numpy: a torch fill is an OpenMP region, whose start costs
+        # milliseconds when the cores are shared, and there are 4 thin strips per canvas and layer
+        nhwc = out.permute(0, 2, 3, 1)
+        if nhwc.device.type == "cpu" and nhwc.dtype == torch.float32:
+            nhwc = nhwc.numpy()
+        for r, c, h, w in canvases:
+            y0, x0, y1, x1 = r * k, c * k, (r + h) * k, (c + w) * k
+            xa = max(0, x0 - b)
+            for strip in (nhwc[:, max(0, y0 - b):y0, xa:x1 + b], nhwc[:, y1:y1 + b, xa:x1 + b],
+                          nhwc[:, y0:y1, xa:x0], nhwc[:, y0:y1, x1:x1 + b]):
+                strip.fill(0) if isinstance(strip, np.ndarray) else strip.zero_()
         return None
 
     def _valid_scores(self, scores: torch.Tensor, plan) -> torch.Tensor:
@@ -233,7 +247,8 @@ class DeepMaskProposer:
 
         One scale at a time, or with ``scale_batch`` all scales in ONE pass (§4 "Speed": "batching all scales"):
         the padded canvases of all scales are tiled into one mosaic image (pack_canvases: 2 trunk cells of zeros
-        between them, offsets on the 16-px grid) and the gaps are zeroed after every convolution / max-pool, so
+        between them, offsets on the 16-px grid) and the gaps next to canvases are zeroed after every convolution /
+        max-pool (_zero_gaps), so
         every canvas sees exactly what it sees alone -- zeros around it -- and its features, scores and masks are
         identical to the one-scale-at-a-time ones (tests/test_bench.py; bit for bit as long as the convolution
         kernels compute an output pixel the same way for another map size, as oneDNN does here for maps of a
@@ -257,12 +272,12 @@ class DeepMaskProposer:
 
         if self.dm.scale_batch and len(plans) > 1 and self._mosaic_ok():
             cells = [(p[3][0] // st, p[3][1] // st) for p in plans]
-            where, (hm, wm), gaps = pack_canvases(cells, gap=2)
+            where, (hm, wm), _ = pack_canvases(cells, gap=2)
             x = torch.zeros((1, 3, hm * st, wm * st), device=self.device).contiguous(
                 memory_format=torch.channels_last)
             for (r, c), p in zip(where, plans):
                 x[:, :, r * st:r * st + p[3][0], c * st:c * st + p[3][1]] = normalized(p)
-            self._mosaic = ((hm, wm), gaps)
+            self._mosaic = ((hm, wm), [(r, c, hf, wf) for (r, c), (hf, wf) in zip(where, cells)])
             try:
                 feat = self.trunk(x)
             finally:
