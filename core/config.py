@@ -118,7 +118,7 @@ class DeepMaskConfig:
     nms: float = 0.0  # 0 = no NMS (official code); else IoU threshold of box NMS over the pasted masks
     infer_pad: float = 0.5  # image padded by infer_pad * patch_size (scaled px) per side (official: 80 of 160)
     max_image_side: int = 1024  # longer side above this: image downscaled first (COCO/VOC are <= 640); 0 = no cap
-    scale_batch: bool = False  # run all scales of an image as one padded batch (GPU; §4 "Speed")
+    scale_batch: bool = False  # all scales in one trunk pass (mosaic, §4 "Speed"): same proposals, faster, more memory
     chunk: int = 128  # candidates pasted / RLE-encoded at a time (bounds memory)
 
 

@@ -10,7 +10,8 @@ several):
   but a random efficientnet gives near-constant scores, i.e. ties everywhere; the heads are random, so the masks
   are noisier than trained ones and mask pasting / RLE encoding if anything over-estimated). Both modes save their
   proposals and the run checks that they are identical (boxes, scores and RLE masks, exactly).
-* ``deepmask_big.<trunk>``: one 4000x3000 photograph (the first bench image upscaled), for the peak memory.
+* ``deepmask_big.<trunk>.<mode>``: one 4000x3000 photograph (the first bench image upscaled), for the peak memory
+  (``deepmask.max_image_side`` applies: 1024 by default).
 * ``ss.skimage`` / ``ss.opencv``: SelectiveSearch per image (proposals/selective_search.py, ``cfg.ss``).
 * ``frcnn_test.<trunk>.top<N>``: Fast R-CNN test per image (resize to the test scale, trunk, RoI head on N
   proposals, softmax, box decoding, per-class NMS: detector/test.py ``detect_image`` + ``postprocess``) with N random
@@ -113,7 +114,7 @@ def all_measurements() -> list[str]:
     names += [f"frcnn_test.{t}.top{n}" for t in FRCNN_TRUNKS for n in FRCNN_TOPS]
     names += [f"train.deepmask.{t}" for t in ("small", "efficientnet_lite0")]
     names += [f"train.frcnn.{t}" for t in FRCNN_TRUNKS]
-    names += ["voc07_eval", "deepmask_big.efficientnet_lite0"]
+    names += ["voc07_eval", "deepmask_big.efficientnet_lite0.per_scale", "deepmask_big.efficientnet_lite0.batched"]
     return names
 
 
@@ -606,7 +607,7 @@ def _spec_of(name: str, opts: BenchOptions, images: list[str], heavy: list[str],
                 "images": heavy if trunk in HEAVY_TRUNKS else images,
                 "outputs": str(workdir / f"{name}.outputs.pkl")}
     if parts[0] == "deepmask_big":
-        return {**base, "kind": "deepmask", "trunk": parts[1], "batched": False, "images": images[:1],
+        return {**base, "kind": "deepmask", "trunk": parts[1], "batched": parts[2] == "batched", "images": images[:1],
                 "upscale": list(opts.big_size), "repeats": 1, "warmup": 0}
     if parts[0] == "ss":
         return {**base, "kind": "ss", "backend": parts[1], "device": "cpu", "images": images}
@@ -849,8 +850,9 @@ def format_table(doc: dict) -> str:
             lines.append(f"{name:40s} {'FAILED':>9s}  {r['error'][:80]}")
             continue
         u = r["unit"]
+        threads = str(r.get("torch_threads", "-"))
         lines.append(f"{name:40s} {u:>9s} {_fmt(r.get('median'), u):>9s} {_fmt(r.get('p10'), u):>9s} "
-                     f"{_fmt(r.get('p90'), u):>9s} {r.get('n', 0):>4d} {rss_s:>9s} {str(r.get('torch_threads', '-')):>7s}")
+                     f"{_fmt(r.get('p90'), u):>9s} {r.get('n', 0):>4d} {rss_s:>9s} {threads:>7s}")
     if doc.get("ratios"):
         lines += ["", "ratios of time per image (same run, same images; < 1: the first is faster)"]
         for k, v in doc["ratios"].items():

@@ -20,8 +20,12 @@ needed -- identical values, without holding 3136 channels per position).
   ``top_n`` proposals. The box is the binary mask's extent (core.boxes.mask_to_box convention: [xmin, ymin,
   xmax+1, ymax+1]). Only one full-size mask buffer exists at a time.
 * Memory: images with a longer side above ``max_image_side`` are first downscaled (results are mapped back to
-  the original pixels); ``scale_batch`` runs all scales as one padded batch (GPU; the paper's §4 "Speed" remark),
-  otherwise scales run one after another.
+  the original pixels); ``scale_batch`` runs all scales in one trunk pass over a mosaic of their canvases (the
+  paper's §4 "Speed" remark; identical proposals, faster, more memory: see ``_score_all``), otherwise scales run
+  one after another.
+* Speed (measured with ``python -m pipelines.bench``): the trunk runs as an inference copy with BatchNorm folded
+  and channels-last tensors (core.backbones.fuse_for_inference); masks are computed, pasted and RLE-encoded only
+  for the candidates taken, a chunk at a time, all scales of a chunk in one gather + matrix product.
 """
 from __future__ import annotations
 
