@@ -271,3 +271,29 @@ def rank_rng_state(saved_ranks: list | None, saved: dict) -> dict:
                         "continues, but not bit-exactly as an uninterrupted run",
                         len(saved_ranks) if saved_ranks is not None else 1, world_size())
     return saved
+
+
+def rng_state() -> dict:
+    """This process's torch / numpy / python (and CUDA) RNG states, for checkpoints that resume exactly."""
+    import random
+
+    import numpy as np
+    import torch
+
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])

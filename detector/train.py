@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from core import distributed
+from core.distributed import rng_state as _rng_state, set_rng_state as _set_rng_state
 from core.config import Config, save_config, section_hash, to_dict
 from core.errors import CheckpointError, ConfigError, DataError, UserError, is_out_of_memory
 from core.images import load_image
@@ -231,19 +232,6 @@ def build_optimizer(model: torch.nn.Module, dcfg) -> torch.optim.Optimizer:
 
 
 # ------------------------------------------------------------------------------------------------------- checkpoints
-def _rng_state() -> dict:
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st: dict) -> None:
-    torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
-    random.setstate(st["python"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
 
 
 def _identity(cfg: Config, store_path: str, top: int | None, classes) -> dict:

@@ -27,7 +27,7 @@ neighbours by comparing shifted label arrays); the grouping loop runs per merge 
 lazy max-heap of pair similarities: a merge only computes the similarities of the new region with its neighbours
 (O(neighbours x bins)), stale pairs are skipped when popped. Felzenszwalb (scikit-image) is ~60% of the time.
 
-Measured on the 517 genuine VOC2007 `val` images of ../shared/data (all objects count: that set has no difficult
+Measured on the 517 genuine VOC2007 `val` images of the team's real-data folder (all objects count: that set has no difficult
 flags; not VOC07 test): box AR@10/100/1000 = .114/.333/.559 (paper, Hosang's SelectiveSearch on VOC07 test:
 .085/.347/.618); OpenCV backend on the same images .034/.215/.538. Median time on 20 of them, one process:
 0.98 s/image against OpenCV's 0.93 s/image (same machine, same load).

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from core import distributed
+from core.distributed import rng_state as _rng_state, set_rng_state as _set_rng_state
 from core.config import Config, save_config, to_dict
 from core.errors import CheckpointError, DataError
 from core.io import atomic_torch_save, load_checkpoint, write_json
@@ -152,19 +153,6 @@ def evaluate(model: DeepMask, batches: list[dict], device, threshold: float, sco
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
-def _rng_state() -> dict:
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st: dict) -> None:
-    torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
-    random.setstate(st["python"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
 
 
 def _check_resumable(ckpt: dict, cfg: Config, path: Path) -> None:
