@@ -83,9 +83,9 @@ def pack_canvases(sizes: list[tuple[int, int]], gap: int = 2):
         where = [None] * len(sizes)
         for i in order:
             h, w = sizes[i]
-            tops = [int(sky[x:x + w + gap].max()) for x in range(0, limit - w + 1)]
+            tops = np.lib.stride_tricks.sliding_window_view(sky, w + gap).max(1)[:limit - w + 1]
             x = int(np.argmin(tops))
-            where[i] = (tops[x], x)
+            where[i] = (int(tops[x]), x)
             sky[x:x + w + gap] = tops[x] + h + gap
         H = max(r + sizes[i][0] for i, (r, _) in enumerate(where))
         W = max(c + sizes[i][1] for i, (_, c) in enumerate(where))
@@ -353,11 +353,13 @@ class DeepMaskProposer:
             new_boxes, new_scores, new_rles = [], [], []
             for k in range(len(idx)):
                 r = paste_mask(logits[k], *geo[k], h, w, self.logit_thr)
-                if r is None or not r[0].any():
-                    continue  # empty binary mask: dropped, the next candidate is taken
+                if r is None:
+                    continue
                 reg, x0, y0 = r
-                rows, cols = np.flatnonzero(reg.any(1)), np.flatnonzero(reg.any(0))
-                new_boxes.append([x0 + cols[0], y0 + rows[0], x0 + cols[-1] + 1, y0 + rows[-1] + 1])
+                bx, by, bw, bh = cv2.boundingRect(reg.view(np.uint8))  # extent of the mask's pixels, one C call
+                if bw == 0:
+                    continue  # empty binary mask: dropped, the next candidate is taken
+                new_boxes.append([x0 + bx, y0 + by, x0 + bx + bw, y0 + by + bh])
                 buf[y0:y0 + reg.shape[0], x0:x0 + reg.shape[1], 0] = reg
                 rle = mask_utils.encode(buf)[0]
                 buf[y0:y0 + reg.shape[0], x0:x0 + reg.shape[1], 0] = 0
