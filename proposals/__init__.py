@@ -83,6 +83,11 @@ def method_has_masks(method: str) -> bool:
     return method == "deepmask"
 
 
+# DeepMaskConfig fields that change the proposals of a given checkpoint (proposals.deepmask.infer)
+DEEPMASK_INFERENCE_KEYS = ("scale_min", "scale_max", "scale_step", "zoom", "mask_threshold", "top_n", "nms",
+                           "infer_pad", "max_image_side", "infer_dtype")
+
+
 def proposer_params(method: str, cfg, checkpoint: str | None = None) -> dict:
     """What identifies a method's proposals (stored in the store's meta; a different value is a different store).
 
@@ -93,10 +98,10 @@ def proposer_params(method: str, cfg, checkpoint: str | None = None) -> dict:
         ss.pop("workers", None)
         return {"ss": ss}
     if method == "deepmask":
+        # the network is the checkpoint's (architecture and weights); of the config only the inference settings
+        # count -- not the training ones (train_sets, iters, ...), nor scale_batch and chunk (same proposals)
         dm = dataclasses.asdict(cfg.deepmask)
-        for k in ("workers",):
-            dm.pop(k, None)
-        return {"deepmask": dm, "checkpoint": str(checkpoint)}
+        return {"deepmask": {k: dm[k] for k in DEEPMASK_INFERENCE_KEYS}, "checkpoint": str(checkpoint)}
     raise UserError(f"unknown proposal method {method!r} (choose one of {', '.join(METHODS)})")
 
 

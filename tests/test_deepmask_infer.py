@@ -4,13 +4,14 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import cv2
 import numpy as np
 import pytest
 import torch
 
 from core.boxes import box_iou, decode_rles, masks_to_boxes
 from core.config import Config, DeepMaskConfig, to_dict
-from core.errors import CheckpointError, ImageError
+from core.errors import CheckpointError, ConfigError, ImageError
 from core.io import atomic_torch_save
 from proposals.deepmask.infer import DeepMaskProposer, build_deepmask_proposer, inference_scales, paste_mask
 from proposals.deepmask.model import build_deepmask, upsample_masks
@@ -164,3 +165,76 @@ def test_build_from_checkpoint_and_errors(tmp_path):
         prop(np.zeros((10, 10), np.uint8))
     with pytest.raises(CheckpointError):
         build_deepmask_proposer(cfg, str(tmp_path / "missing.pt"))
+
+
+def test_region_rle_equals_full_image_encode():
+    """region_rle gives pycocotools' RLE of the full-size mask, including the corner cases of the column-major
+    runs: rectangles touching the first / last pixel, spanning whole columns (runs crossing columns), empty ones."""
+    from pycocotools import mask as mask_utils
+
+    from proposals.deepmask.infer import region_rle
+
+    rng = np.random.default_rng(0)
+    cases = [(0, 0, 7, 5), (3, 0, 4, 9), (0, 2, 7, 7), (6, 8, 1, 1), (2, 3, 3, 4), (0, 0, 1, 1)]
+    for _ in range(40):
+        x0, y0 = int(rng.integers(0, 7)), int(rng.integers(0, 9))
+        cases.append((x0, y0, int(rng.integers(1, 8 - x0)), int(rng.integers(1, 10 - y0))))
+    for x0, y0, rw, rh in cases:
+        for fill in ("random", "full", "empty"):
+            reg = {"random": rng.random((rh, rw)) < 0.5, "full": np.ones((rh, rw), bool),
+                   "empty": np.zeros((rh, rw), bool)}[fill]
+            full = np.zeros((9, 7), np.uint8, order="F")
+            full[y0:y0 + rh, x0:x0 + rw] = reg
+            want = mask_utils.encode(full)
+            want["counts"] = want["counts"].decode("ascii")
+            assert region_rle(reg, x0, y0, 9, 7) == want, (x0, y0, rw, rh, fill)
+
+
+def test_paste_window_equals_the_whole_footprint():
+    """paste_mask resizes only the window around the logits above the threshold: the mask equals the one of a
+    resize of the whole footprint (up to pixels exactly at the threshold)."""
+    rng = np.random.default_rng(1)
+    h, w = 120, 150
+    smaller = 0
+    for _ in range(30):
+        logits = rng.normal(-3, 1, (8, 8)).astype(np.float32)
+        r0, c0 = rng.integers(0, 6, 2)
+        logits[r0:r0 + 3, c0:c0 + 2] += 6
+        ox, oy, lx = float(rng.uniform(-60, 100)), float(rng.uniform(-60, 80)), float(rng.uniform(10, 200))
+        full = np.zeros((h, w), bool)
+        x0, x1 = max(0, math.ceil(ox - 0.5)), min(w, math.ceil(ox + lx - 0.5))
+        y0, y1 = max(0, math.ceil(oy - 0.5)), min(h, math.ceil(oy + lx - 0.5))
+        if x1 > x0 and y1 > y0:
+            f = 8 / lx
+            mat = np.array([[f, 0, f * (x0 + 0.5 - ox) - 0.5], [0, f, f * (y0 + 0.5 - oy) - 0.5]])
+            reg = cv2.warpAffine(logits, mat, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                                 borderMode=cv2.BORDER_REPLICATE)
+            full[y0:y1, x0:x1] = reg > 0
+        got = np.zeros((h, w), bool)
+        r = paste_mask(logits, ox, oy, lx, lx, h, w, 0.0)
+        if r is not None:
+            reg, a, b = r
+            got[b:b + reg.shape[0], a:a + reg.shape[1]] = reg
+            smaller += reg.size < (x1 - x0) * (y1 - y0)
+        assert (got != full).sum() <= 2
+    assert smaller >= 10  # the window is the point: most masks are resized on part of their footprint
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_bfloat16_inference_is_close_to_float32(batched):
+    """infer_dtype=bfloat16 (AMX / AVX512-BF16 CPUs, GPUs): the same candidates with score logits within bfloat16
+    rounding of float32's, valid proposals (boxes are mask extents); an unknown format is a config error."""
+    model = _model(4)
+    img = _image(100, 130)
+    ref = DeepMaskProposer(model, _dm(scale_batch=batched), "cpu")._score_all(img)
+    prop = DeepMaskProposer(model, _dm(scale_batch=batched, infer_dtype="bfloat16", mask_threshold=0.4), "cpu")
+    got = prop._score_all(img)
+    for (_, _, s32, _), (_, _, s16, _) in zip(ref, got):
+        fin = torch.isfinite(s32)
+        assert torch.equal(fin, torch.isfinite(s16)) and fin.any()
+        assert float((s32[fin] - s16[fin]).abs().max()) < 0.05 * max(1.0, float(s32[fin].abs().max()))
+    boxes, scores, rles = prop(img)
+    assert len(boxes) and np.all(np.diff(scores) <= 0)
+    np.testing.assert_array_equal(masks_to_boxes(decode_rles(rles)), boxes)
+    with pytest.raises(ConfigError, match="deepmask.infer_dtype"):
+        DeepMaskProposer(model, _dm(infer_dtype="int8"), "cpu")

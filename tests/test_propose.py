@@ -126,3 +126,24 @@ def test_shard_max_images_and_errors(voc, tmp_path, capsys):
     assert "--checkpoint" in capsys.readouterr().err
     assert _run("--voc", voc, "--split", "val", "--out", tmp_path / "x", "--set", "ss.backend=matlab") == 2
     assert "ss.backend" in capsys.readouterr().err
+
+
+def test_deepmask_store_identity_is_checkpoint_and_inference_settings():
+    """`pipelines.propose --config X` and `pipelines.run` must agree on a DeepMask store's identity whenever they
+    compute the same proposals: training-only settings and speed knobs do not count, inference settings do."""
+    import dataclasses
+
+    from core.config import load_config
+    from proposals import proposer_params
+
+    cfg = load_config(None, [])
+    base = proposer_params("deepmask", cfg, "ck.pt")
+    same = [("iters", 7), ("lr", 0.5), ("train_sets", []), ("workers", 9), ("scale_batch", True), ("chunk", 3),
+            ("batch_size", 4)]
+    for key, value in same:
+        other = dataclasses.replace(cfg, deepmask=dataclasses.replace(cfg.deepmask, **{key: value}))
+        assert proposer_params("deepmask", other, "ck.pt") == base, key
+    for key, value in [("mask_threshold", 0.35), ("top_n", 5), ("scale_max", 0.5), ("infer_dtype", "bfloat16")]:
+        other = dataclasses.replace(cfg, deepmask=dataclasses.replace(cfg.deepmask, **{key: value}))
+        assert proposer_params("deepmask", other, "ck.pt") != base, key
+    assert proposer_params("deepmask", cfg, "other.pt") != base

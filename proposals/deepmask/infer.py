@@ -18,7 +18,8 @@ needed -- identical values, without holding 3136 channels per position).
   one cv2.warpAffine into the footprint clipped to the image), binarised at ``mask_threshold`` (0.2 COCO, 0.1
   PASCAL) and RLE-encoded; a candidate whose binary mask is empty is dropped and the next one taken, until
   ``top_n`` proposals. The box is the binary mask's extent (core.boxes.mask_to_box convention: [xmin, ymin,
-  xmax+1, ymax+1]). Only one full-size mask buffer exists at a time.
+  xmax+1, ymax+1]). No full-size mask is ever held: each is RLE-encoded from its bounding rectangle
+  (region_rle).
 * Memory: images with a longer side above ``max_image_side`` are first downscaled (results are mapped back to
   the original pixels); ``scale_batch`` runs all scales in one trunk pass over a mosaic of their canvases (the
   paper's §4 "Speed" remark; identical proposals, faster, more memory: see ``_score_all``), otherwise scales run
@@ -29,6 +30,7 @@ needed -- identical values, without holding 3136 channels per position).
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 
@@ -45,7 +47,8 @@ from .sampler import pad_rgb_for
 
 log = logging.getLogger(__name__)
 
-__all__ = ["inference_scales", "DeepMaskProposer", "build_deepmask_proposer", "paste_mask", "pack_canvases"]
+__all__ = ["inference_scales", "DeepMaskProposer", "build_deepmask_proposer", "paste_mask", "region_rle",
+           "pack_canvases"]
 
 # DeepMaskConfig keys that define the trained network (taken from the checkpoint, never from the run's config).
 MODEL_KEYS = ("trunk", "head", "seg_channels", "lowrank_dim", "mask_size", "patch_size", "object_size",
@@ -111,19 +114,60 @@ def pack_canvases(sizes: list[tuple[int, int]], gap: int = 2):
 def paste_mask(logits: np.ndarray, ox: float, oy: float, lx: float, ly: float, height: int, width: int,
                logit_thr: float):
     """Binary mask of one candidate inside the image: ``logits`` (m, m) cover the patch [ox, ox+lx) x [oy, oy+ly)
-    (original pixels, continuous coordinates). Returns (region bool array, x0, y0) of the footprint clipped to the
-    image, or None when the footprint misses the image. Bilinear resize with the half-pixel convention of
-    F.interpolate(align_corners=False) (model.upsample_masks), edge values replicated inside the patch."""
+    (original pixels, continuous coordinates). Returns (region bool array, x0, y0) of the part of the footprint
+    that can hold mask pixels, clipped to the image, or None when no pixel can be on (footprint outside the image,
+    or no logit above the threshold). Bilinear resize with the half-pixel convention of
+    F.interpolate(align_corners=False) (model.upsample_masks), edge values replicated inside the patch.
+
+    Only the window around the logits above the threshold is resized: a bilinear value is a convex combination of
+    its 4 nearest logits, so it can exceed the threshold only where one of them does (2 px of margin for cv2's
+    fixed-point coordinates). A mask covering a third of its patch is resized on a third of the footprint."""
     m = logits.shape[0]
     x0, x1 = max(0, math.ceil(ox - 0.5)), min(width, math.ceil(ox + lx - 0.5))  # pixel centres inside the patch
     y0, y1 = max(0, math.ceil(oy - 0.5)), min(height, math.ceil(oy + ly - 0.5))
     if x1 <= x0 or y1 <= y0:
         return None
+    on = logits > logit_thr
+    cols, rows = np.flatnonzero(on.any(0)), np.flatnonzero(on.any(1))
+    if not len(cols):
+        return None
     fx, fy = m / lx, m / ly
+    # pixel X reads logit columns floor(sx), floor(sx) + 1 with sx = fx (X + 0.5 - ox) - 0.5: some column in
+    # [c_lo, c_hi] is read iff c_lo - 1 <= sx < c_hi + 1
+    x0 = max(x0, math.floor((cols[0] - 0.5) / fx + ox - 0.5) - 2)
+    x1 = min(x1, math.ceil((cols[-1] + 1.5) / fx + ox - 0.5) + 2)
+    y0 = max(y0, math.floor((rows[0] - 0.5) / fy + oy - 0.5) - 2)
+    y1 = min(y1, math.ceil((rows[-1] + 1.5) / fy + oy - 0.5) + 2)
+    if x1 <= x0 or y1 <= y0:
+        return None
     mat = np.array([[fx, 0.0, fx * (x0 + 0.5 - ox) - 0.5], [0.0, fy, fy * (y0 + 0.5 - oy) - 0.5]], np.float64)
     reg = cv2.warpAffine(np.ascontiguousarray(logits, np.float32), mat, (x1 - x0, y1 - y0),
                          flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
     return reg > logit_thr, x0, y0
+
+
+def region_rle(reg: np.ndarray, x0: int, y0: int, height: int, width: int) -> dict:
+    """COCO RLE (compressed, ``counts`` as str) of a ``height`` x ``width`` mask that is zero outside the
+    rectangle at (x0, y0) holding ``reg`` -- the same dict as ``pycocotools.mask.encode`` of the full mask, from
+    the runs of the rectangle alone (no full-size buffer: a full-image encode per proposal was a third of the
+    pasting time). Runs are taken in column-major order, the COCO convention."""
+    rh, rw = reg.shape
+    col = np.zeros((rw, rh + 2), np.uint8)  # each column of the rectangle, with a zero above and below
+    col[:, 1:-1] = reg.T
+    flat = col.ravel()
+    j, k = np.divmod(np.flatnonzero(flat[1:] != flat[:-1]), rh + 2)  # changes, column-major; never across columns
+    g = (x0 + j) * height + y0 + k
+    if len(g) > 1:  # a run ending at the bottom of a column and one starting at the top of the next: one run
+        same = np.flatnonzero(g[1:] == g[:-1])
+        if len(same):
+            g = np.delete(g, np.concatenate([same, same + 1]))
+    bounds = np.concatenate([[0], g, [height * width]])
+    counts = np.diff(bounds)
+    if len(counts) > 1 and counts[-1] == 0:
+        counts = counts[:-1]  # mask on up to the last pixel: no trailing empty run
+    rle = mask_utils.frPyObjects({"size": [height, width], "counts": counts.tolist()}, height, width)
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
 
 
 class DeepMaskProposer:
@@ -139,8 +183,15 @@ class DeepMaskProposer:
             raise ConfigError(f"config key 'deepmask.mask_threshold': must be in (0, 1), got {dm.mask_threshold}")
         if dm.infer_pad < 0:
             raise ConfigError(f"config key 'deepmask.infer_pad': must be >= 0, got {dm.infer_pad}")
+        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        if dm.infer_dtype not in dtypes:
+            raise ConfigError(f"config key 'deepmask.infer_dtype': expected one of {', '.join(dtypes)}, got "
+                              f"{dm.infer_dtype!r}")
+        self.dtype = dtypes[dm.infer_dtype]
         self.model = model.eval().to(device)
         self.device = torch.device(device)
+        # the heads in the inference number format (a cast copy unless float32; the trunk is cast below)
+        self.heads = self.model if self.dtype == torch.float32 else copy.deepcopy(self.model).to(self.dtype)
         self.dm = dm
         self.top_n = int(dm.top_n)
         self.scales = inference_scales(dm)
@@ -153,13 +204,14 @@ class DeepMaskProposer:
         # Speed (issue 10, measured with pipelines.bench): an inference copy of the trunk with BatchNorm folded into
         # the convolutions, channels-last; the first mask layer with its input in (y, x, channel) order, so that the
         # windows gathered from a channels-last map need no transposition (masks_at computes the same values).
-        self.trunk = fuse_for_inference(model.trunk).to(self.device)
+        self.trunk = fuse_for_inference(model.trunk).to(self.device, self.dtype)
         self._mosaic = None  # set while the trunk runs on a mosaic of all scales (scale_batch)
         for m in self.trunk.modules():
             if isinstance(m, (torch.nn.Conv2d, torch.nn.MaxPool2d, SamePadConv2d)):
                 m.register_forward_hook(self._zero_gaps)
-        first = model.seg_lowrank if model.seg_lowrank is not None else model.seg_out
-        f, c = model.feat_size, model.seg_conv.out_channels
+        heads = self.heads
+        first = heads.seg_lowrank if heads.seg_lowrank is not None else heads.seg_out
+        f, c = heads.feat_size, heads.seg_conv.out_channels
         self.first_w = first.weight.detach().view(-1, c, f, f).permute(0, 2, 3, 1).reshape(first.out_features, -1) \
             .contiguous()
         self.first_b = first.bias.detach()
@@ -264,11 +316,11 @@ class DeepMaskProposer:
         if self.dm.max_image_side and max(h, w) > self.dm.max_image_side:
             base = self.dm.max_image_side / max(h, w)
         plans = [self._canvas(image, base * s) for s in self.scales]
-        model, st = self.model, self.stride
+        model, st = self.heads, self.stride
         outs = []
 
         def normalized(p):
-            return model.normalize(self._tensor(p[0], *p[3])[None].to(self.device))
+            return model.normalize(self._tensor(p[0], *p[3])[None].to(self.device)).to(self.dtype)
 
         def seg_table(feat):
             seg = model.seg_features(feat)[0].permute(1, 2, 0)  # (Hf, Wf, S), contiguous for channels-last
@@ -277,7 +329,7 @@ class DeepMaskProposer:
         if self.dm.scale_batch and len(plans) > 1 and self._mosaic_ok():
             cells = [(p[3][0] // st, p[3][1] // st) for p in plans]
             where, (hm, wm), _ = pack_canvases(cells, gap=2)
-            x = torch.zeros((1, 3, hm * st, wm * st), device=self.device).contiguous(
+            x = torch.zeros((1, 3, hm * st, wm * st), device=self.device, dtype=self.dtype).contiguous(
                 memory_format=torch.channels_last)
             for (r, c), p in zip(where, plans):
                 x[:, :, r * st:r * st + p[3][0], c * st:c * st + p[3][1]] = normalized(p)
@@ -329,8 +381,7 @@ class DeepMaskProposer:
         wy, wx = (a.cpu().numpy() for a in self.window)
 
         boxes, scores, rles = [], [], []
-        buf = np.zeros((h, w, 1), np.uint8, order="F")
-        model, p = self.model, self.patch
+        model, p = self.heads, self.patch
         pos = 0
         while len(boxes) < self.top_n and pos < len(order):
             idx = order[pos:pos + self.dm.chunk].numpy()
@@ -360,11 +411,7 @@ class DeepMaskProposer:
                 if bw == 0:
                     continue  # empty binary mask: dropped, the next candidate is taken
                 new_boxes.append([x0 + bx, y0 + by, x0 + bx + bw, y0 + by + bh])
-                buf[y0:y0 + reg.shape[0], x0:x0 + reg.shape[1], 0] = reg
-                rle = mask_utils.encode(buf)[0]
-                buf[y0:y0 + reg.shape[0], x0:x0 + reg.shape[1], 0] = 0
-                rle["counts"] = rle["counts"].decode("ascii")
-                new_rles.append(rle)
+                new_rles.append(region_rle(reg[by:by + bh, bx:bx + bw], x0 + bx, y0 + by, h, w))
                 new_scores.append(cand_scores[k])
             if not new_boxes:
                 continue
