@@ -61,6 +61,15 @@ class SSConfig:
 
 
 @dataclass
+class RandomConfig:
+    """Random boxes: the baseline proposer that shows what the proposals are worth (a detector fed these)."""
+
+    top_n: int = 2000
+    min_side: int = 16  # sides log-uniform from min_side to the image's side; centres uniform in the image
+    seed: int = 0  # with the image's pixels: same image + seed -> same boxes
+
+
+@dataclass
 class DeepMaskConfig:
     """DeepMask (paper §3). Defaults are the paper's values (§3.4); the official code's choices are options."""
 
@@ -190,6 +199,7 @@ class Config:
     device: str = "cpu"
     data: DataConfig = field(default_factory=DataConfig)
     ss: SSConfig = field(default_factory=SSConfig)
+    random: RandomConfig = field(default_factory=RandomConfig)
     deepmask: DeepMaskConfig = field(default_factory=DeepMaskConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
@@ -322,6 +332,7 @@ _BIG = 1e30
 _RANGES = {
     "seed": "[0, 9.2e18]",
     "ss.seed": "[0, 4294967295]", "ss.workers": "[0, 1024]",
+    "random.top_n": "[1, big]", "random.min_side": "[1, big]", "random.seed": "[0, 4294967295]",
     "deepmask.seg_channels": "[1, 8192]", "deepmask.lowrank_dim": "[1, 8192]", "deepmask.mask_size": "[1, 1024]",
     "deepmask.patch_size": "[16, 2048]", "deepmask.object_size": "(0, 2048]", "deepmask.score_hidden": "[1, 16384]",
     "deepmask.dropout": "[0, 1)", "deepmask.val_fraction": "[0, 1)", "deepmask.pos_shift": "[0, 10000]",

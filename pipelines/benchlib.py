@@ -315,17 +315,11 @@ def _m_ss(spec: dict) -> dict:
 
 
 def random_boxes(h: int, w: int, n: int, seed: int) -> np.ndarray:
-    """``n`` proposal-like boxes inside an h x w image: log-uniform sides 16 px .. the image, uniform centres."""
-    rng = np.random.default_rng(seed)
-    bw = np.exp(rng.uniform(math.log(16), math.log(max(w, 17)), n))
-    bh = np.exp(rng.uniform(math.log(16), math.log(max(h, 17)), n))
-    cx, cy = rng.uniform(0, w, n), rng.uniform(0, h, n)
-    b = np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], 1)
-    b[:, [0, 2]] = b[:, [0, 2]].clip(0, w)
-    b[:, [1, 3]] = b[:, [1, 3]].clip(0, h)
-    b[:, 2] = np.maximum(b[:, 2], b[:, 0] + 1)
-    b[:, 3] = np.maximum(b[:, 3], b[:, 1] + 1)
-    return b.astype(np.float32)
+    """``n`` proposal-like boxes inside an h x w image (proposals.random_boxes: log-uniform sides 16 px .. the
+    image, uniform centres)."""
+    from proposals import random_boxes as boxes
+
+    return boxes(h, w, n, seed)
 
 
 def _m_frcnn_test(spec: dict) -> dict:

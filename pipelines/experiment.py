@@ -133,9 +133,11 @@ def run_experiment(cfg: Config, progress: bool = True) -> dict:
     train_ds = VOCDataset(cfg.data.voc, cfg.data.train_split, max_images=cfg.data.train_images)
     test_ds = VOCDataset(cfg.data.voc, cfg.data.test_split, max_images=cfg.data.test_images)
     methods = list(cfg.sweep.methods)
-    unknown = [m for m in methods if m not in ("deepmask", "selective_search")]
+    from proposals import METHODS
+
+    unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise ConfigError(f"sweep.methods: unknown method(s) {unknown} (deepmask, selective_search)")
+        raise ConfigError(f"config key 'sweep.methods': unknown method(s) {unknown} (choose from {', '.join(METHODS)})")
 
     # 1. DeepMask
     dm_ckpt = None

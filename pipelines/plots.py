@@ -12,8 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from core.io import atomic_write_bytes  # noqa: E402
 
-LABELS = {"deepmask": "DeepMask", "selective_search": "SelectiveSearch"}
-COLORS = {"deepmask": "tab:red", "selective_search": "tab:blue"}
+LABELS = {"deepmask": "DeepMask", "selective_search": "SelectiveSearch", "random": "random boxes"}
+COLORS = {"deepmask": "tab:red", "selective_search": "tab:blue", "random": "tab:gray"}
 # The paper's Figure 5 anchors (Fast R-CNN VGG16, VOC07 test): drawn only on request, for the paper config.
 PAPER_FIG5 = {"deepmask": {100: 68.2, 500: 69.9}, "selective_search": {2000: 66.9}}
 

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-images", type=int, help="only the first N images of the split")
     p.add_argument("--shard", type=_shard, metavar="I/N", help="this process's share: images I, I+N, I+2N, ...")
     p.add_argument("--workers", type=int, help="worker processes (default: ss.workers for SelectiveSearch, 1 else)")
-    p.add_argument("--top", type=int, help="keep at most N proposals per image (sets ss.top_n / deepmask.top_n)")
+    p.add_argument("--top", type=int, help="keep at most N proposals per image (sets ss / deepmask / random .top_n)")
     p.add_argument("--ss-backend", choices=("skimage", "opencv"), help="sets ss.backend")
     p.add_argument("--checkpoint", help="DeepMask checkpoint (method deepmask)")
     p.add_argument("--export-coco", metavar="RES.json", help="also write the proposals as a COCO results json")
@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.top < 1:
             raise UserError(f"--top {args.top}: must be >= 1")
         cfg = dataclasses.replace(cfg, ss=dataclasses.replace(cfg.ss, top_n=args.top),
-                                  deepmask=dataclasses.replace(cfg.deepmask, top_n=args.top))
+                                  deepmask=dataclasses.replace(cfg.deepmask, top_n=args.top),
+                                  random=dataclasses.replace(cfg.random, top_n=args.top))
     if args.ss_backend:
         cfg = dataclasses.replace(cfg, ss=dataclasses.replace(cfg.ss, backend=args.ss_backend))
     if args.max_images is not None and args.max_images < 1:

@@ -23,7 +23,7 @@ from core.io import atomic_write_text, write_json
 
 log = logging.getLogger(__name__)
 
-LABEL = {"deepmask": "DeepMask", "selective_search": "SelectiveSearch"}
+LABEL = {"deepmask": "DeepMask", "selective_search": "SelectiveSearch", "random": "random boxes"}
 
 
 def parse_counts(text: str) -> list[int]:

@@ -1,4 +1,4 @@
-"""Object proposals: DeepMask and SelectiveSearch behind one interface.
+"""Object proposals: DeepMask, SelectiveSearch and random boxes (the baseline) behind one interface.
 
 A proposer is a callable `proposer(image HxWx3 uint8 RGB) -> (boxes (n,4) float32 xyxy 0-based, scores (n,) float32,
 masks: list[COCO RLE] | None)`, ranked best first, at most `top_n` proposals. `build_proposer(method, cfg,
@@ -15,9 +15,10 @@ import numpy as np
 from core.errors import ConfigError, UserError
 
 __all__ = ["METHODS", "build_proposer", "proposer_params", "method_has_masks", "rank_scores",
-           "SelectiveSearchProposer", "extract_proposals", "run_extraction", "export_coco_results"]
+           "SelectiveSearchProposer", "RandomProposer", "random_boxes", "extract_proposals", "run_extraction",
+           "export_coco_results"]
 
-METHODS = ("selective_search", "deepmask")
+METHODS = ("selective_search", "deepmask", "random")
 
 
 def rank_scores(n: int, top_n: int) -> np.ndarray:
@@ -66,10 +67,52 @@ class SelectiveSearchProposer:
         return boxes, rank_scores(len(boxes), ss.top_n), None
 
 
+def random_boxes(h: int, w: int, n: int, seed: int, min_side: float = 16.0) -> np.ndarray:
+    """``n`` boxes inside an h x w image, float32 xyxy: sides log-uniform from ``min_side`` to the image's side,
+    centres uniform, clipped to the image (at least 1 px)."""
+    import math
+
+    rng = np.random.default_rng(seed)
+    bw = np.exp(rng.uniform(math.log(min_side), math.log(max(w, min_side + 1)), n))
+    bh = np.exp(rng.uniform(math.log(min_side), math.log(max(h, min_side + 1)), n))
+    cx, cy = rng.uniform(0, w, n), rng.uniform(0, h, n)
+    b = np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], 1)
+    b[:, [0, 2]] = b[:, [0, 2]].clip(0, w)
+    b[:, [1, 3]] = b[:, [1, 3]].clip(0, h)
+    b[:, 2] = np.maximum(b[:, 2], b[:, 0] + 1)
+    b[:, 3] = np.maximum(b[:, 3], b[:, 1] + 1)
+    return b.astype(np.float32)
+
+
+class RandomProposer:
+    """`cfg.random.top_n` random boxes (random_boxes), the same for the same image pixels and seed; scores from
+    `rank_scores`. The floor any proposal method must clear: a detector trained and tested on these learns
+    classification from the ground-truth RoIs but has almost nothing to localise with."""
+
+    has_masks = False
+
+    def __init__(self, rnd):
+        if rnd.top_n < 1 or rnd.min_side < 1:
+            raise ConfigError(f"config keys 'random.top_n' and 'random.min_side': must be >= 1, got {rnd.top_n}, "
+                              f"{rnd.min_side}")
+        self.rnd = rnd
+
+    def __call__(self, image: np.ndarray):
+        import zlib
+
+        image = np.ascontiguousarray(image)
+        h, w = image.shape[:2]
+        seed = zlib.crc32(memoryview(image).cast("B")) ^ (int(self.rnd.seed) << 1)
+        boxes = random_boxes(h, w, self.rnd.top_n, seed, float(self.rnd.min_side))
+        return boxes, rank_scores(len(boxes), self.rnd.top_n), None
+
+
 def build_proposer(method: str, cfg, checkpoint: str | None = None):
-    """A proposer for `method` ('selective_search' | 'deepmask') built from the config `cfg`."""
+    """A proposer for `method` ('selective_search' | 'deepmask' | 'random') built from the config `cfg`."""
     if method == "selective_search":
         return SelectiveSearchProposer(cfg.ss)
+    if method == "random":
+        return RandomProposer(cfg.random)
     elif method == "deepmask":
         if not checkpoint:
             raise UserError("method 'deepmask' needs a trained checkpoint (--checkpoint PATH)")
@@ -97,6 +140,8 @@ def proposer_params(method: str, cfg, checkpoint: str | None = None) -> dict:
         ss = dataclasses.asdict(cfg.ss)
         ss.pop("workers", None)
         return {"ss": ss}
+    if method == "random":
+        return {"random": dataclasses.asdict(cfg.random)}
     if method == "deepmask":
         # the network is the checkpoint's (architecture and weights); of the config only the inference settings
         # count -- not the training ones (train_sets, iters, ...), nor scale_batch and chunk (same proposals)

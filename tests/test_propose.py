@@ -147,3 +147,29 @@ def test_deepmask_store_identity_is_checkpoint_and_inference_settings():
         other = dataclasses.replace(cfg, deepmask=dataclasses.replace(cfg.deepmask, **{key: value}))
         assert proposer_params("deepmask", other, "ck.pt") != base, key
     assert proposer_params("deepmask", cfg, "other.pt") != base
+
+
+def test_random_proposer_is_a_deterministic_baseline(voc, tmp_path):
+    """`--method random`: top_n boxes inside each image, ranked scores, the same boxes for the same image and seed
+    (a resumed or repeated run gives the same store), other boxes for another seed or image."""
+    import dataclasses
+
+    from core.config import load_config
+    from proposals import build_proposer
+
+    cfg = load_config(None, ["random.top_n=300"])
+    img, _ = _image(3)
+    b1, s1, m1 = build_proposer("random", cfg)(img)
+    b2, _, _ = build_proposer("random", cfg)(img.copy())
+    assert b1.shape == (300, 4) and b1.dtype == np.float32 and m1 is None
+    np.testing.assert_array_equal(b1, b2)
+    assert np.all(b1[:, :2] >= 0) and np.all(b1[:, 2] <= img.shape[1]) and np.all(b1[:, 3] <= img.shape[0])
+    assert np.all(b1[:, 2:] > b1[:, :2]) and np.all(np.diff(s1) < 0)
+    other = dataclasses.replace(cfg, random=dataclasses.replace(cfg.random, seed=1))
+    assert not np.array_equal(build_proposer("random", other)(img)[0], b1)
+    assert not np.array_equal(build_proposer("random", cfg)(_image(4)[0])[0], b1)
+    out = tmp_path / "rnd"
+    assert _run("--method", "random", "--voc", voc, "--split", "val", "--top", 50, "--out", out) == 0
+    store = ProposalStore.open(out)
+    assert store.method == "random" and store.image_ids == IDS
+    assert all(len(store.get(i).boxes) == 50 for i in IDS)
