@@ -10,6 +10,9 @@ several):
   but a random efficientnet gives near-constant scores, i.e. ties everywhere; the heads are random, so the masks
   are noisier than trained ones and mask pasting / RLE encoding if anything over-estimated). Both modes save their
   proposals and the run checks that they are identical (boxes, scores and RLE masks, exactly).
+* ``deepmask.efficientnet_lite0.per_scale_bf16``: the same with ``deepmask.infer_dtype=bfloat16`` (trunk and
+  heads in bfloat16: AMX / AVX512-BF16 matrix units on a CPU, mixed precision on a GPU); its proposals are compared
+  with the float32 ones (top-100 boxes matched at IoU >= 0.9), not expected identical.
 * ``deepmask_big.<trunk>.<mode>``: one 4000x3000 photograph (the first bench image upscaled), for the peak memory
   (``deepmask.max_image_side`` applies: 1024 by default).
 * ``ss.skimage`` / ``ss.opencv``: SelectiveSearch per image (proposals/selective_search.py, ``cfg.ss``).
@@ -68,6 +71,8 @@ DEEPMASK_TRUNKS = ("small", "efficientnet_lite0", "vgg_a")
 FRCNN_TRUNKS = ("small", "efficientnet_lite0", "vgg16")
 HEAVY_TRUNKS = ("vgg_a", "vgg16")  # timed on the first ``heavy_images`` images only
 FRCNN_TOPS = (100, 2000)
+# DeepMask with deepmask.infer_dtype=bfloat16 (trunk and heads; AMX / AVX512-BF16 CPUs, GPUs), one scale at a time
+LOW_PRECISION_MODES = ("per_scale_bf16",)
 
 # The bench times the official code's cheaper segmentation head (1x1 conv to 128 channels before the low-rank
 # layer; reference NOTES, "seg branch") unless --set deepmask.seg_channels=512 asks for the paper's.
@@ -110,6 +115,7 @@ def all_measurements() -> list[str]:
     names = []
     for t in DEEPMASK_TRUNKS:
         names += [f"deepmask.{t}.per_scale", f"deepmask.{t}.batched"]
+    names += [f"deepmask.efficientnet_lite0.{m}" for m in LOW_PRECISION_MODES]
     names += ["ss.skimage", "ss.opencv"]
     names += [f"frcnn_test.{t}.top{n}" for t in FRCNN_TRUNKS for n in FRCNN_TOPS]
     names += [f"train.deepmask.{t}" for t in ("small", "efficientnet_lite0")]
@@ -281,7 +287,8 @@ def _m_deepmask(spec: dict) -> dict:
 
     cfg = _cfg_of(spec)
     weights = _offline_weights(spec["trunk"])
-    dm = dataclasses.replace(cfg.deepmask, trunk=spec["trunk"], pretrained=weights, scale_batch=spec["batched"])
+    dm = dataclasses.replace(cfg.deepmask, trunk=spec["trunk"], pretrained=weights, scale_batch=spec["batched"],
+                             infer_dtype=spec.get("dtype", cfg.deepmask.infer_dtype))
     torch.manual_seed(0)
     model = build_deepmask(dm, pretrained=bool(weights))
     prop = DeepMaskProposer(model, dm, device=spec["device"])
@@ -295,6 +302,7 @@ def _m_deepmask(spec: dict) -> dict:
         atomic_write_bytes(spec["outputs"], pickle.dumps(outs, protocol=pickle.HIGHEST_PROTOCOL))
     return {"per_item": times, "unit": "s/image", "detail": {
         "trunk": dm.trunk, "trunk_weights": weights or "random", "scale_batch": dm.scale_batch,
+        "infer_dtype": dm.infer_dtype,
         "scales": len(prop.scales), "top_n": dm.top_n,
         "seg_channels": dm.seg_channels, "max_image_side": dm.max_image_side,
         "image_sizes": [list(im.shape[:2]) for im in images[:3]],
@@ -597,7 +605,8 @@ def _spec_of(name: str, opts: BenchOptions, images: list[str], heavy: list[str],
     parts = name.split(".")
     if parts[0] == "deepmask":
         trunk = parts[1]
-        return {**base, "kind": "deepmask", "trunk": trunk, "batched": parts[2] == "batched",
+        return {**base, "kind": "deepmask", "trunk": trunk, "batched": parts[2].startswith("batched"),
+                "dtype": "bfloat16" if parts[2].endswith("_bf16") else "float32",
                 "images": heavy if trunk in HEAVY_TRUNKS else images,
                 "outputs": str(workdir / f"{name}.outputs.pkl")}
     if parts[0] == "deepmask_big":
@@ -664,6 +673,21 @@ def _compare_outputs(a_path: Path, b_path: Path) -> dict:
             "max_abs_score_diff": max_diff, "identical": same == len(a) == len(b)}
 
 
+def _compare_close(a_path: Path, b_path: Path, top: int = 100) -> dict:
+    """Proposals of two number formats: the fraction of a's top ``top`` boxes that b's top ``top`` contain at
+    IoU >= 0.9 (mean over images), and whether they are identical anyway."""
+    from core.boxes import box_iou
+
+    a = pickle.loads(a_path.read_bytes())
+    b = pickle.loads(b_path.read_bytes())
+    fracs = []
+    for (ba, _, _), (bb, _, _) in zip(a, b):
+        if len(ba) and len(bb):
+            fracs.append(float((box_iou(ba[:top], bb[:top]).max(1) >= 0.9).mean()))
+    return {"images": len(a), "top": top, "matched_fraction": float(np.mean(fracs)) if fracs else None,
+            "identical": _compare_outputs(a_path, b_path)["identical"]}
+
+
 def _paired_ratio(a: dict, b: dict) -> float | None:
     """Median over images of time_a / time_b (same images, same order)."""
     pa, pb = a.get("per_item"), b.get("per_item")
@@ -681,6 +705,9 @@ def compute_ratios(results: dict) -> dict:
         pairs.append((f"deepmask.{t}.batched", f"deepmask.{t}.per_scale"))
         for mode in ("batched", "per_scale"):
             pairs += [(f"deepmask.{t}.{mode}", "ss.opencv"), (f"deepmask.{t}.{mode}", "ss.skimage")]
+    for m in LOW_PRECISION_MODES:
+        name = f"deepmask.efficientnet_lite0.{m}"
+        pairs += [(name, "deepmask.efficientnet_lite0.per_scale"), (name, "ss.opencv"), (name, "ss.skimage")]
     pairs.append(("ss.opencv", "ss.skimage"))
     for t in FRCNN_TRUNKS:
         pairs.append((f"frcnn_test.{t}.top2000", f"frcnn_test.{t}.top100"))
@@ -794,6 +821,11 @@ def _run(opts, names, images, desc, workdir, progress) -> dict:
         if a.is_file() and b.is_file() and f"deepmask.{t}.per_scale" in results and \
                 f"deepmask.{t}.batched" in results:
             checks[f"deepmask.{t}: batched == per_scale"] = _compare_outputs(a, b)
+    for m in LOW_PRECISION_MODES:
+        a = workdir / "deepmask.efficientnet_lite0.per_scale.outputs.pkl"
+        b = workdir / f"deepmask.efficientnet_lite0.{m}.outputs.pkl"
+        if a.is_file() and b.is_file():
+            checks[f"deepmask.efficientnet_lite0: {m} ~ per_scale"] = _compare_close(a, b)
     cfg = opts.config or {}
     return {
         "format": "bench-v1",
@@ -855,6 +887,12 @@ def format_table(doc: dict) -> str:
     if doc.get("checks"):
         lines += ["", "checks"]
         for k, v in doc["checks"].items():
+            if "matched_fraction" in v:
+                frac = v["matched_fraction"]
+                lines.append(f"  {k}: {'IDENTICAL' if v['identical'] else 'close'}: "
+                             f"{'-' if frac is None else f'{100 * frac:.1f}%'} of the top-{v['top']} boxes matched "
+                             f"at IoU >= 0.9 ({v['images']} images)")
+                continue
             lines.append(f"  {k}: {'IDENTICAL' if v['identical'] else 'DIFFERENT'} ({v['identical_images']}/"
                          f"{v['images']} images identical, max |score diff| {v['max_abs_score_diff']:.3g})")
     return "\n".join(lines)

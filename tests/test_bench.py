@@ -73,7 +73,7 @@ def test_plan_and_image_resolution(tmp_path):
     assert "deepmask.efficientnet_lite0.batched" in names and "frcnn_test.vgg16.top2000" in names
     opts = benchlib.BenchOptions(only=["deepmask.efficientnet_lite0.*", "ss"])
     assert benchlib.plan(opts) == ["deepmask.efficientnet_lite0.per_scale", "deepmask.efficientnet_lite0.batched",
-                                   "ss.skimage", "ss.opencv"]
+                                   "deepmask.efficientnet_lite0.per_scale_bf16", "ss.skimage", "ss.opencv"]
     with pytest.raises(UserError):
         benchlib.plan(benchlib.BenchOptions(only=["nothing"]))
     # a VOC layout with a split, and a plain folder
@@ -180,3 +180,16 @@ def test_batched_scales_give_identical_proposals(trunk):
     np.testing.assert_array_equal(one[0], batched[0])
     np.testing.assert_array_equal(one[1], batched[1])
     assert one[2] == batched[2]
+
+
+def test_compare_close_counts_matched_top_boxes(tmp_path):
+    """The bfloat16 check: the fraction of float32's top boxes that the bfloat16 run reproduces at IoU >= 0.9."""
+    import pickle
+
+    a = [(np.array([[0, 0, 10, 10], [20, 20, 40, 40]], np.float32), np.array([.9, .8], np.float32), [])]
+    b = [(np.array([[0, 0, 10, 10.2], [50, 50, 60, 60]], np.float32), np.array([.9, .7], np.float32), [])]
+    (tmp_path / "a.pkl").write_bytes(pickle.dumps(a))
+    (tmp_path / "b.pkl").write_bytes(pickle.dumps(b))
+    res = benchlib._compare_close(tmp_path / "a.pkl", tmp_path / "b.pkl")
+    assert res["matched_fraction"] == 0.5 and not res["identical"]
+    assert benchlib._compare_close(tmp_path / "a.pkl", tmp_path / "a.pkl")["identical"]
