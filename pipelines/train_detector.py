@@ -3,7 +3,8 @@
     python -m pipelines.train_detector --config CFG --proposals STORE [--top N] [--out DIR] [--voc DIR]
                                        [--split SPLIT] [--set detector.iters=1000 ...]
 
-Dataset: data.voc / data.train_split (or --voc / --split); the store must be for that dataset and split.
+Dataset: data.voc / data.train_split (or --voc / --split), its first data.train_images images when that is > 0 (as
+pipelines.run); the store must be for that dataset and split.
 Outputs in --out (default runs/<name>/detector): config.yaml, ckpt_<iter>.pt (latest), history.json, final.pt.
 Running the same command again resumes from the latest checkpoint (or skips if final.pt is complete).
 The last line of stdout is JSON: {"final": path or null, "iteration": int}.
@@ -45,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     from core.datasets import VOCDataset
     from detector.train import train_detector
 
-    dataset = VOCDataset(cfg.data.voc, cfg.data.train_split)
+    # data.train_images > 0: the first N images of the split, as pipelines.run trains on
+    dataset = VOCDataset(cfg.data.voc, cfg.data.train_split, max_images=cfg.data.train_images)
     out = args.out or str(cfg.run_dir / "detector")
     res = train_detector(cfg, args.proposals, dataset, out, top=args.top, progress=not args.no_progress)
     print(json.dumps({"final": res["final"], "iteration": res["iteration"]}))
