@@ -197,3 +197,19 @@ def test_entry_points(shapes, tmp_path, capsys):
     assert "--top" in err(base + ["--proposals", str(shapes["test_store"].path), "--top", "5,x"])
     assert "nope.pt" in err(["--checkpoint", str(tmp_path / "nope.pt"), "--proposals", str(shapes["test_store"].path),
                              "--top", "5", "--out", str(tmp_path / "x")])
+
+
+def test_entry_point_trains_on_the_first_train_images(shapes, tmp_path):
+    """`data.train_images: N` makes `pipelines.train_detector` train on the first N images of the split, as
+    `pipelines.run` does, so a store computed for those N images (e.g. the run's own) is accepted."""
+    first = VOCDataset(shapes["voc"], "trainval", max_images=6)
+    store = make_store(tmp_path / "store6", first)
+    sets = sum([["--set", s] for s in SMALL_DET + ["detector.iters=2", "data.train_images=6"]], [])
+    r = _run(["pipelines.train_detector", "--proposals", str(store.path), "--voc", str(shapes["voc"]),
+              "--split", "trainval", "--out", str(tmp_path / "det6"), "--no-progress", *sets])
+    assert r.returncode == 0, r.stderr
+    assert "on 6 images" in r.stderr
+    r = _run(["pipelines.train_detector", "--proposals", str(store.path), "--voc", str(shapes["voc"]),
+              "--split", "trainval", "--out", str(tmp_path / "det_all"), "--no-progress",
+              *sum([["--set", s] for s in SMALL_DET + ["detector.iters=2"]], [])])
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error:")
