@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m pipelines.propose", description=__doc__.split("\n")[0])
     p.add_argument("--method", choices=METHODS, default="selective_search")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--voc", help="VOCdevkit VOC2007 folder (with --split)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--voc", help="VOCdevkit VOC2007 folder (with --split; default: the config's data.voc)")
     src.add_argument("--coco", help="COCO instances json (with --images)")
     p.add_argument("--split", help="VOC split name (ImageSets/Main/<split>.txt)")
     p.add_argument("--images", help="image folder of --coco")
@@ -72,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.method == "deepmask" and not args.checkpoint and not args.merge:
         raise UserError("--method deepmask needs --checkpoint PATH (a trained DeepMask)")
 
+    if not args.voc and not args.coco:
+        if not cfg.data.voc:
+            raise UserError("no dataset: give --voc DIR/VOC2007 --split S (or data.voc in the config), or --coco "
+                            "ANN.json --images DIR")
+        args.voc = cfg.data.voc
     dataset = open_dataset(voc=args.voc, split=args.split, coco=args.coco, images=args.images)
     ids = list(dataset.image_ids)[: args.max_images]
     if args.merge:

@@ -173,3 +173,13 @@ def test_random_proposer_is_a_deterministic_baseline(voc, tmp_path):
     store = ProposalStore.open(out)
     assert store.method == "random" and store.image_ids == IDS
     assert all(len(store.get(i).boxes) == 50 for i in IDS)
+
+
+def test_dataset_from_the_config(voc, tmp_path, capsys):
+    """Without --voc/--coco the config's data.voc is used (so `--config CFG --split S` suffices); with neither, a
+    one-line error."""
+    out = tmp_path / "from_cfg"
+    assert _run("--split", "val", "--set", f"data.voc={voc}", "--top", 20, "--out", out) == 0
+    assert ProposalStore.open(out).image_ids == IDS
+    assert _run("--split", "val", "--out", tmp_path / "none") == 2
+    assert "no dataset" in capsys.readouterr().err.strip().splitlines()[-1]
