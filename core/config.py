@@ -127,7 +127,8 @@ class DeepMaskConfig:
     nms: float = 0.0  # 0 = no NMS (official code); else IoU threshold of box NMS over the pasted masks
     infer_pad: float = 0.5  # image padded by infer_pad * patch_size (scaled px) per side (official: 80 of 160)
     max_image_side: int = 1024  # longer side above this: image downscaled first (COCO/VOC are <= 640); 0 = no cap
-    scale_batch: bool = False  # all scales in one trunk pass (mosaic, §4 "Speed"): same proposals, faster, more memory
+    scale_batch: bool = False  # all scales in one trunk pass (mosaic, §4 "Speed"): same proposals, more memory; a
+    # GPU saving in the paper, ~1.3x slower on the 2-core CPU measured (README "Speed")
     chunk: int = 128  # candidates pasted / RLE-encoded at a time (bounds memory)
     # number format of the trunk and heads at inference: float32 (exact), or bfloat16 / float16 (CPUs with AMX or
     # AVX512-BF16, GPUs): much faster matrix products, scores and masks within ~1% (ranking may change slightly)

@@ -22,7 +22,8 @@ needed -- identical values, without holding 3136 channels per position).
   (region_rle).
 * Memory: images with a longer side above ``max_image_side`` are first downscaled (results are mapped back to
   the original pixels); ``scale_batch`` runs all scales in one trunk pass over a mosaic of their canvases (the
-  paper's §4 "Speed" remark; identical proposals, faster, more memory: see ``_score_all``), otherwise scales run
+  paper's §4 "Speed" remark, a GPU saving; identical proposals and more memory, and on the 2-core CPU measured
+  ~1.3x slower than one scale at a time: see ``_score_all`` and README "Speed"), otherwise scales run
   one after another.
 * Speed (measured with ``python -m pipelines.bench``): the trunk runs as an inference copy with BatchNorm folded
   and channels-last tensors (core.backbones.fuse_for_inference); masks are computed, pasted and RLE-encoded only
@@ -308,9 +309,10 @@ class DeepMaskProposer:
         every canvas sees exactly what it sees alone -- zeros around it -- and its features, scores and masks are
         identical to the one-scale-at-a-time ones (tests/test_bench.py; bit for bit as long as the convolution
         kernels compute an output pixel the same way for another map size, as oneDNN does here for maps of a
-        patch or more; pipelines.bench checks it on every run). On a CPU this saves the many small
-        per-scale calls (and copes far better with other processes sharing the cores); it holds the whole mosaic's
-        activations at once (memory: see max_image_side)."""
+        patch or more; pipelines.bench checks it on every run). On a GPU it saves the many small per-scale
+        launches; on a quiet CPU it is slower (the trunk's cost per feature cell grows with the map: the mosaic is
+        the largest map of all, README "Speed"), though it copes better with other processes sharing the cores. It
+        holds the whole mosaic's activations at once (memory: see max_image_side)."""
         h, w = image.shape[:2]
         base = 1.0
         if self.dm.max_image_side and max(h, w) > self.dm.max_image_side:
@@ -320,7 +322,7 @@ class DeepMaskProposer:
         outs = []
 
         def normalized(p):
-            return model.normalize(self._tensor(p[0], *p[3])[None].to(self.device)).to(self.dtype)
+            return self.model.normalize(self._tensor(p[0], *p[3])[None].to(self.device)).to(self.dtype)
 
         def seg_table(feat):
             seg = model.seg_features(feat)[0].permute(1, 2, 0)  # (Hf, Wf, S), contiguous for channels-last
