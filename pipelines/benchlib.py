@@ -58,6 +58,7 @@ import numpy as np
 
 from core.errors import DataError, UserError
 from core.io import atomic_write_bytes, read_json, write_json
+from proposals import random_boxes  # proposal-like boxes: log-uniform sides 16 px .. the image
 
 log = logging.getLogger(__name__)
 
@@ -320,14 +321,6 @@ def _m_ss(spec: dict) -> dict:
     return {"per_item": times, "unit": "s/image", "detail": {
         "backend": cfg.ss.backend, "mode": cfg.ss.mode, "top_n": cfg.ss.top_n,
         "proposals_mean": float(np.mean([len(o[0]) for o in outs]))}}
-
-
-def random_boxes(h: int, w: int, n: int, seed: int) -> np.ndarray:
-    """``n`` proposal-like boxes inside an h x w image (proposals.random_boxes: log-uniform sides 16 px .. the
-    image, uniform centres)."""
-    from proposals import random_boxes as boxes
-
-    return boxes(h, w, n, seed)
 
 
 def _m_frcnn_test(spec: dict) -> dict:

@@ -113,7 +113,7 @@ def build_proposer(method: str, cfg, checkpoint: str | None = None):
         return SelectiveSearchProposer(cfg.ss)
     if method == "random":
         return RandomProposer(cfg.random)
-    elif method == "deepmask":
+    if method == "deepmask":
         if not checkpoint:
             raise UserError("method 'deepmask' needs a trained checkpoint (--checkpoint PATH)")
         from .deepmask.infer import build_deepmask_proposer

@@ -191,8 +191,13 @@ class DeepMaskProposer:
         self.dtype = dtypes[dm.infer_dtype]
         self.model = model.eval().to(device)
         self.device = torch.device(device)
-        # the heads in the inference number format (a cast copy unless float32; the trunk is cast below)
-        self.heads = self.model if self.dtype == torch.float32 else copy.deepcopy(self.model).to(self.dtype)
+        # the heads in the inference number format: a cast copy unless float32, without the trunk (its inference
+        # copy is made and cast below; input normalisation stays with self.model, in float32)
+        self.heads = self.model
+        if self.dtype != torch.float32:
+            self.heads = copy.deepcopy(self.model)
+            self.heads.trunk = torch.nn.Identity()
+            self.heads.to(self.dtype)
         self.dm = dm
         self.top_n = int(dm.top_n)
         self.scales = inference_scales(dm)
