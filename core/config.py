@@ -21,6 +21,34 @@ import yaml
 from .errors import ConfigError
 
 
+# ----------------------------------------------------------------------------------------------- field metadata
+# Stage identity has one source: every field says here, next to its default, what it affects and its valid range.
+# Stage keys (pipelines/experiment.py), the resume checks of both trainings and range validation derive from it.
+DM_TRAIN = "deepmask.train"  # what DeepMask learns (the checkpoint)
+DM_INFER = "deepmask.infer"  # DeepMask's proposals from a given checkpoint
+SS = "proposals.selective_search"  # SelectiveSearch's proposals
+RANDOM = "proposals.random"  # the random-box baseline's proposals
+DET_TRAIN = "detector.train"  # what Fast R-CNN learns
+DET_TEST = "detector.test"  # Fast R-CNN's detections from a given checkpoint (the sweep tests)
+SWEEP = "sweep"  # which detectors and N the sweep reports
+TRAIN_SPLIT = "data.train_split"  # which images the detector's train split holds (every stage reading it)
+TEST_SPLIT = "data.test_split"  # which images the test split holds
+STAGE_TAGS = (DM_TRAIN, DM_INFER, SS, RANDOM, DET_TRAIN, DET_TEST, SWEEP, TRAIN_SPLIT, TEST_SPLIT)
+BIG = 1e30  # floats are at most 1e30 (SGD keeps them as float32)
+
+
+def opt(default, *affects: str, range: str | None = None, resume: bool = False):
+    """A config field: its default, the stages it `affects` (none: it changes no result, e.g. worker counts),
+    its valid `range` ('[lo, hi]', '(' / ')' exclude the end, 'big' = 1e30; lists: every item), and `resume`: a
+    training field whose change reruns the stage but lets it continue from its checkpoint (e.g. `iters`)."""
+    unknown = [a for a in affects if a not in STAGE_TAGS]
+    assert not unknown, unknown
+    meta = {"affects": tuple(affects), "range": range, "resume": resume}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 # ----------------------------------------------------------------------------------------------- sections
 @dataclass
 class CocoSource:
@@ -30,43 +58,51 @@ class CocoSource:
     images: str = ""
 
 
+_BOTH_SPLITS = (TRAIN_SPLIT, TEST_SPLIT)
+# the synthetic set's parameters name its folder (runs/data/shapes-<hash>): they change every split and DeepMask's
+# training data
+_SYNTH = (TRAIN_SPLIT, TEST_SPLIT, DM_TRAIN)
+
+
 @dataclass
 class DataConfig:
     # The detector's dataset: a VOCdevkit `VOC2007` folder and its splits.
-    voc: str = ""
-    train_split: str = "trainval"
-    test_split: str = "test"
-    train_images: int = 0  # > 0: only the first N images of the train split (CPU-sized runs); 0 = all
-    test_images: int = 0  # > 0: only the first N images of the test split
+    voc: str = opt("", *_BOTH_SPLITS)
+    train_split: str = opt("trainval", TRAIN_SPLIT)
+    test_split: str = opt("test", TEST_SPLIT)
+    # > 0: only the first N images of the train split (CPU-sized runs); 0 = all
+    train_images: int = opt(0, TRAIN_SPLIT, range="[0, big]")
+    test_images: int = opt(0, TEST_SPLIT, range="[0, big]")  # > 0: only the first N images of the test split
     # Built-in synthetic set (`pipelines.make_shapes`): generated into `synthetic_root` when `synthetic` is true
     # and it is missing; then `voc` defaults to `<synthetic_root>/VOC2007` and DeepMask trains on its COCO json.
-    synthetic: bool = False
-    synthetic_root: str = ""
-    synthetic_trainval: int = 240
-    synthetic_test: int = 80
-    synthetic_size: int = 256
-    synthetic_seed: int = 0
+    synthetic: bool = opt(False, *_SYNTH)
+    synthetic_root: str = opt("", *_SYNTH)
+    synthetic_trainval: int = opt(240, *_SYNTH, range="[1, 10000000]")
+    synthetic_test: int = opt(80, *_SYNTH, range="[1, 10000000]")
+    synthetic_size: int = opt(256, *_SYNTH, range="[32, 8192]")
+    synthetic_seed: int = opt(0, *_SYNTH, range="[0, 4294967295]")
 
 
 @dataclass
 class SSConfig:
     """SelectiveSearch, fast mode (Uijlings et al. IJCV 2013; R-CNN's selective_search_boxes.m)."""
 
-    backend: str = "skimage"  # skimage (paper's ranking) | opencv (contrib; small regions first)
-    mode: str = "fast"  # fast (R-CNN/Fast R-CNN VOC07 proposals) | quality | single
-    seed: int = 0  # seeds the ranking's random numbers: same image + seed -> same ranked list
-    min_box: int = 20  # selective_search_boxes.m: boxes narrower or shorter than this are dropped
-    top_n: int = 2000  # Fast R-CNN used ~2000 SelectiveSearch boxes per image
-    workers: int = 1  # worker processes for proposal extraction (not part of the proposals' identity)
+    backend: str = opt("skimage", SS)  # skimage (paper's ranking) | opencv (contrib; small regions first)
+    mode: str = opt("fast", SS)  # fast (R-CNN/Fast R-CNN VOC07 proposals) | quality | single
+    seed: int = opt(0, SS, range="[0, 4294967295]")  # seeds the ranking: same image + seed -> same ranked list
+    min_box: int = opt(20, SS)  # selective_search_boxes.m: boxes narrower or shorter than this are dropped
+    top_n: int = opt(2000, SS)  # Fast R-CNN used ~2000 SelectiveSearch boxes per image
+    workers: int = opt(1, range="[0, 1024]")  # worker processes for proposal extraction
 
 
 @dataclass
 class RandomConfig:
     """Random boxes: the baseline proposer that shows what the proposals are worth (a detector fed these)."""
 
-    top_n: int = 2000
-    min_side: int = 16  # sides log-uniform from min_side to the image's side; centres uniform in the image
-    seed: int = 0  # with the image's pixels: same image + seed -> same boxes
+    top_n: int = opt(2000, RANDOM, range="[1, big]")
+    # sides log-uniform from min_side to the image's side; centres uniform in the image
+    min_side: int = opt(16, RANDOM, range="[1, big]")
+    seed: int = opt(0, RANDOM, range="[0, 4294967295]")  # with the image's pixels: same image + seed -> same boxes
 
 
 @dataclass
@@ -74,65 +110,82 @@ class DeepMaskConfig:
     """DeepMask (paper §3). Defaults are the paper's values (§3.4); the official code's choices are options."""
 
     # model (§3.1, §3.4)
-    trunk: str = "vgg_a"  # vgg_a (paper) | efficientnet_lite0 (CPU runs on real images) | small (synthetic/tests)
-    pretrained: str = ""  # '' random init | 'imagenet' (offline weights) | path to a state dict
-    head: str = "lowrank"  # lowrank (DeepMask) | full (DeepMaskFull, Table 1: 56x56 outputs fully connected)
-    seg_channels: int = 512  # 1x1 conv of the segmentation branch (official code: 128)
-    lowrank_dim: int = 512
-    mask_size: int = 56  # h^o = w^o of eq. (1); bilinearly upsampled (fixed) to patch_size
-    patch_size: int = 224  # input patch (multiple of 16)
-    object_size: int = 128  # max side of a canonical positive in the patch
-    score_hidden: list[int] = field(default_factory=lambda: [512, 1024])  # score FC layers (§3.4)
-    dropout: float = 0.5
+    trunk: str = opt("vgg_a", DM_TRAIN)  # vgg_a (paper) | efficientnet_lite0 (CPU runs on real images) | small
+    pretrained: str = opt("", DM_TRAIN)  # '' random init | 'imagenet' (offline weights) | path to a state dict
+    head: str = opt("lowrank", DM_TRAIN)  # lowrank (DeepMask) | full (DeepMaskFull, Table 1: 56x56 outputs fc)
+    seg_channels: int = opt(512, DM_TRAIN, range="[1, 8192]")  # 1x1 conv of the segmentation branch (official: 128)
+    lowrank_dim: int = opt(512, DM_TRAIN, range="[1, 8192]")
+    # h^o = w^o of eq. (1); bilinearly upsampled (fixed) to patch_size
+    mask_size: int = opt(56, DM_TRAIN, range="[1, 1024]")
+    patch_size: int = opt(224, DM_TRAIN, range="[16, 2048]")  # input patch (multiple of 16)
+    object_size: int = opt(128, DM_TRAIN, range="(0, 2048]")  # max side of a canonical positive in the patch
+    score_hidden: list[int] = opt([512, 1024], DM_TRAIN, range="[1, 16384]")  # score FC layers (§3.4)
+    dropout: float = opt(0.5, DM_TRAIN, range="[0, 1)")
     # training data (§3.2, §3.4; official DataSampler for the filters)
-    categories: list[str] = field(default_factory=list)  # empty = all; [pascal] = the 20 PASCAL classes (DeepMask20)
-    train_sets: list[CocoSource] = field(default_factory=list)
-    val_sets: list[CocoSource] = field(default_factory=list)  # empty: hold out val_fraction of the train images
-    val_fraction: float = 0.05
-    pos_shift: float = 16.0  # positive jitter: +-16 px shift (patch pixels) ...
-    pos_scale: float = 0.25  # ... scale 2^(+-1/4) ...
-    flip: bool = True  # ... and horizontal flip
-    neg_shift: float = 32.0  # negatives: >= +-32 px (patch pixels) ...
-    neg_scale: float = 1.0  # ... or 2^(+-1) in scale from every canonical positive
-    neg_scale_min: float = -2.5  # log2 range of negative patch scales: the inference scales +- one step
-    neg_scale_max: float = 1.5
-    min_area: float = 100.0  # objects skipped as positives: crowd, area < 100 or box side < 5 (official code)
-    min_side: float = 5.0
-    pad_color: str = "mean"  # patch area outside the image: 'mean' (trunk mean colour) | 'grey' (0.5, official)
-    batch_mode: str = "alternate"  # alternate mask / score batches (§3.2) | joint (1:1 batch, both losses)
-    image_cache: int = 64  # decoded images (+ masks) cached per loader worker
+    # empty = all; [pascal] = the 20 PASCAL classes (DeepMask20)
+    categories: list[str] = opt([], DM_TRAIN)
+    train_sets: list[CocoSource] = opt([], DM_TRAIN)
+    val_sets: list[CocoSource] = opt([], DM_TRAIN)  # empty: hold out val_fraction of the train images
+    val_fraction: float = opt(0.05, DM_TRAIN, range="[0, 1)")
+    pos_shift: float = opt(16.0, DM_TRAIN, range="[0, 10000]")  # positive jitter: +-16 px shift (patch pixels) ...
+    pos_scale: float = opt(0.25, DM_TRAIN, range="[0, 8]")  # ... scale 2^(+-1/4) ...
+    flip: bool = opt(True, DM_TRAIN)  # ... and horizontal flip
+    neg_shift: float = opt(32.0, DM_TRAIN, range="[0, 10000]")  # negatives: >= +-32 px (patch pixels) ...
+    neg_scale: float = opt(1.0, DM_TRAIN, range="[0, 8]")  # ... or 2^(+-1) in scale from every canonical positive
+    # log2 range of negative patch scales: the inference scales +- one step
+    neg_scale_min: float = opt(-2.5, DM_TRAIN, range="[-16, 16]")
+    neg_scale_max: float = opt(1.5, DM_TRAIN, range="[-16, 16]")
+    # objects skipped as positives: crowd, area < 100 or box side < 5 (official code)
+    min_area: float = opt(100.0, DM_TRAIN, range="[0, big]")
+    min_side: float = opt(5.0, DM_TRAIN, range="[0, big]")
+    # patch area outside the image: 'mean' (trunk mean colour) | 'grey' (0.5, official)
+    pad_color: str = opt("mean", DM_TRAIN)
+    batch_mode: str = opt("alternate", DM_TRAIN)  # alternate mask / score batches (§3.2) | joint (1:1, both losses)
+    image_cache: int = opt(64, range="[0, 1000000]")  # decoded images (+ masks) cached per loader worker
     # training (§3.4)
-    iters: int = 100000
-    batch_size: int = 32
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 5e-5
-    lr_steps: list[int] = field(default_factory=list)  # iterations where lr *= gamma (paper: constant lr)
-    gamma: float = 0.1
+    iters: int = opt(100000, DM_TRAIN, range="[0, big]", resume=True)
+    batch_size: int = opt(32, DM_TRAIN, range="[2, 65536]")
+    lr: float = opt(1e-3, DM_TRAIN, range="(0, big]")
+    momentum: float = opt(0.9, DM_TRAIN, range="[0, 1)")
+    weight_decay: float = opt(5e-5, DM_TRAIN, range="[0, big]")
+    # iterations where lr *= gamma (paper: constant lr)
+    lr_steps: list[int] = opt([], DM_TRAIN, range="[0, big]")
+    gamma: float = opt(0.1, DM_TRAIN, range="(0, big]")
     # torchrun (core/distributed.py): 'none' keeps lr whatever the number of processes; 'linear' multiplies it by
     # the world size (the global batch is world_size x batch_size)
-    lr_scaling: str = "none"
-    score_weight: float = 1.0 / 32  # lambda of eq. (1)
-    workers: int = 2
-    val_every: int = 1000  # iterations between validations (0 = only at the end)
-    val_batches: int = 10  # fixed, seeded held-out batches (batch_size patches each, 1:1 pos/neg)
-    checkpoint_every: int = 1000
+    lr_scaling: str = opt("none", DM_TRAIN)
+    score_weight: float = opt(1.0 / 32, DM_TRAIN, range="[0, big]")  # lambda of eq. (1)
+    workers: int = opt(2, range="[0, 1024]")
+    # validation picks best.pt: iterations between validations (0 = only at the end), fixed seeded held-out batches
+    # (batch_size patches each, 1:1 pos/neg), and the threshold of its mask IoU (a training setting of its own, so
+    # that the inference mask_threshold never changes which checkpoint is best)
+    val_every: int = opt(1000, DM_TRAIN, range="[0, big]", resume=True)
+    val_batches: int = opt(10, DM_TRAIN, range="[0, 1000000]")
+    val_mask_threshold: float = opt(0.2, DM_TRAIN, range="(0, 1)")
+    checkpoint_every: int = opt(1000, range="[0, big]")
     # full-scene inference (§3.3, §3.4)
-    scale_min: float = -2.0  # log2 of the smallest scale
-    scale_max: float = 1.0
-    scale_step: float = 0.5
-    zoom: bool = False  # DeepMaskZoom: one extra scale 2^(scale_max + scale_step), for small objects
-    mask_threshold: float = 0.2  # .2 COCO, .1 PASCAL
-    top_n: int = 2000
-    nms: float = 0.0  # 0 = no NMS (official code); else IoU threshold of box NMS over the pasted masks
-    infer_pad: float = 0.5  # image padded by infer_pad * patch_size (scaled px) per side (official: 80 of 160)
-    max_image_side: int = 1024  # longer side above this: image downscaled first (COCO/VOC are <= 640); 0 = no cap
-    scale_batch: bool = False  # all scales in one trunk pass (mosaic, §4 "Speed"): same proposals, more memory; a
-    # GPU saving in the paper, ~1.3x slower on the 2-core CPU measured (README "Speed")
-    chunk: int = 128  # candidates pasted / RLE-encoded at a time (bounds memory)
+    scale_min: float = opt(-2.0, DM_INFER, range="[-16, 16]")  # log2 of the smallest scale
+    scale_max: float = opt(1.0, DM_INFER, range="[-16, 16]")
+    scale_step: float = opt(0.5, DM_INFER, range="(0, 16]")
+    zoom: bool = opt(False, DM_INFER)  # DeepMaskZoom: one extra scale 2^(scale_max + scale_step), for small objects
+    mask_threshold: float = opt(0.2, DM_INFER, range="(0, 1)")  # .2 COCO, .1 PASCAL
+    top_n: int = opt(2000, DM_INFER, range="[1, big]")
+    # 0 = no NMS (official code); else IoU threshold of box NMS over the pasted masks
+    nms: float = opt(0.0, DM_INFER, range="[0, 1]")
+    # image padded by infer_pad * patch_size (scaled px) per side (official: 80 of 160)
+    infer_pad: float = opt(0.5, DM_INFER, range="[0, 16]")
+    # longer side above this: image downscaled first (COCO/VOC are <= 640); 0 = no cap
+    max_image_side: int = opt(1024, DM_INFER, range="[0, big]")
+    # all scales in one trunk pass (mosaic, §4 "Speed"): same proposals, more memory; a GPU saving in the paper,
+    # ~1.3x slower on the 2-core CPU measured (README "Speed")
+    scale_batch: bool = opt(False)
+    chunk: int = opt(128, range="[1, big]")  # candidates pasted / RLE-encoded at a time (bounds memory)
     # number format of the trunk and heads at inference: float32 (exact), or bfloat16 / float16 (CPUs with AMX or
     # AVX512-BF16, GPUs): much faster matrix products, scores and masks within ~1% (ranking may change slightly)
-    infer_dtype: str = "float32"
+    infer_dtype: str = opt("float32", DM_INFER)
+
+
+_DET_BOTH = (DET_TRAIN, DET_TEST)
 
 
 @dataclass
@@ -140,64 +193,71 @@ class DetectorConfig:
     """Fast R-CNN (Girshick, ICCV 2015), official recipe (rbgirshick/fast-rcnn, VGG16 on VOC07)."""
 
     # model (paper Sec. 2; fast-rcnn models/VGG16/train.prototxt)
-    trunk: str = "vgg16"  # vgg16 (paper) | efficientnet_lite0 (CPU runs) | vgg_a | small (synthetic / tests)
-    pretrained: str = "imagenet"  # '' random init | 'imagenet' (offline weights) | path to a state dict
-    fc_dim: int = 4096  # fc6/fc7 width (VGG16: 4096 from the ImageNet classifier; smaller for light trunks)
-    dropout: float = 0.5
-    roi_size: int = 7  # RoI max pooling output (7x7 at spatial scale 1/16)
-    freeze_early: bool = True  # conv1_1..conv2_2 frozen for VGG16 (core.backbones.freeze_early_layers)
-    freeze_bn: bool = True  # keep BatchNorm of a *pretrained* trunk frozen (2 images/batch); ignored for random init
+    trunk: str = opt("vgg16", DET_TRAIN)  # vgg16 (paper) | efficientnet_lite0 (CPU runs) | vgg_a | small (tests)
+    pretrained: str = opt("imagenet", DET_TRAIN)  # '' random init | 'imagenet' (offline weights) | path
+    # fc6/fc7 width (VGG16: 4096 from the ImageNet classifier; smaller for light trunks)
+    fc_dim: int = opt(4096, DET_TRAIN, range="[1, 16384]")
+    dropout: float = opt(0.5, DET_TRAIN, range="[0, 1)")
+    roi_size: int = opt(7, DET_TRAIN, range="[1, 64]")  # RoI max pooling output (7x7 at spatial scale 1/16)
+    freeze_early: bool = opt(True, DET_TRAIN)  # conv1_1..conv2_2 frozen for VGG16 (core.backbones)
+    # keep BatchNorm of a *pretrained* trunk frozen (2 images/batch); ignored for random init
+    freeze_bn: bool = opt(True, DET_TRAIN)
     # data (fast-rcnn config.py: TRAIN.SCALES, MAX_SIZE, USE_FLIPPED, USE_DIFF)
-    scales: list[int] = field(default_factory=lambda: [600])  # shorter side at train (one drawn per image)
-    max_size: int = 1000  # longer side at most (train and test)
-    test_scale: int = 600
-    flip: bool = True
-    use_difficult: bool = False  # difficult gt excluded from training (USE_DIFF False)
-    train_top: int = 2000  # proposals per image at train (0 = all in the store); --top overrides
+    scales: list[int] = opt([600], DET_TRAIN, range="[1, 100000]")  # shorter side at train (one drawn per image)
+    max_size: int = opt(1000, *_DET_BOTH, range="[1, 100000]")  # longer side at most (train and test)
+    test_scale: int = opt(600, DET_TEST, range="[1, 100000]")
+    flip: bool = opt(True, DET_TRAIN)
+    use_difficult: bool = opt(False, DET_TRAIN)  # difficult gt excluded from training (USE_DIFF False)
+    # proposals per image at train (0 = all in the store); --top overrides
+    train_top: int = opt(2000, DET_TRAIN, range="[0, big]")
     # minibatch (paper Sec. 2.3)
-    ims_per_batch: int = 2
-    batch_rois: int = 128  # RoIs per minibatch (64 per image)
-    fg_fraction: float = 0.25
-    fg_thresh: float = 0.5
-    bg_thresh_hi: float = 0.5
-    bg_thresh_lo: float = 0.1
-    bbox_stds: list[float] = field(default_factory=lambda: [0.1, 0.1, 0.2, 0.2])  # py-faster-rcnn fixed stds
+    ims_per_batch: int = opt(2, DET_TRAIN, range="[1, 1024]")
+    batch_rois: int = opt(128, DET_TRAIN, range="[1, 1000000]")  # RoIs per minibatch (64 per image)
+    fg_fraction: float = opt(0.25, DET_TRAIN, range="[0, 1]")
+    fg_thresh: float = opt(0.5, DET_TRAIN, range="[0, 1]")
+    bg_thresh_hi: float = opt(0.5, DET_TRAIN, range="[0, 1]")
+    bg_thresh_lo: float = opt(0.1, DET_TRAIN, range="[0, 1]")
+    # py-faster-rcnn fixed stds: targets normalised at train, deltas de-normalised at test
+    bbox_stds: list[float] = opt([0.1, 0.1, 0.2, 0.2], *_DET_BOTH, range="(0, big]")
     # optimisation (fast-rcnn models/VGG16/solver.prototxt)
-    lr: float = 0.001
-    momentum: float = 0.9
-    weight_decay: float = 0.0005
-    bias_lr_factor: float = 2.0  # biases: lr x2 (lr_mult 2) ...
-    bias_weight_decay: float = 0.0  # ... and no weight decay (decay_mult 0)
-    iters: int = 40000
-    lr_steps: list[int] = field(default_factory=lambda: [30000])
-    gamma: float = 0.1
+    lr: float = opt(0.001, DET_TRAIN, range="(0, big]")
+    momentum: float = opt(0.9, DET_TRAIN, range="[0, 1)")
+    weight_decay: float = opt(0.0005, DET_TRAIN, range="[0, big]")
+    bias_lr_factor: float = opt(2.0, DET_TRAIN, range="[0, big]")  # biases: lr x2 (lr_mult 2) ...
+    bias_weight_decay: float = opt(0.0, DET_TRAIN, range="[0, big]")  # ... and no weight decay (decay_mult 0)
+    iters: int = opt(40000, DET_TRAIN, range="[0, big]", resume=True)
+    lr_steps: list[int] = opt([30000], DET_TRAIN, range="[0, big]")
+    gamma: float = opt(0.1, DET_TRAIN, range="(0, big]")
     # torchrun (core/distributed.py): 'none' keeps lr whatever the number of processes; 'linear' multiplies it by
     # the world size (the global batch is world_size x ims_per_batch images)
-    lr_scaling: str = "none"
-    checkpoint_every: int = 10000  # SNAPSHOT_ITERS
-    log_every: int = 20
-    workers: int = 2  # DataLoader workers (decode + resize + RoI sampling)
+    lr_scaling: str = opt("none", DET_TRAIN)
+    checkpoint_every: int = opt(10000, range="[0, big]")  # SNAPSHOT_ITERS
+    log_every: int = opt(20, range="[0, big]")
+    workers: int = opt(2, range="[0, 1024]")  # DataLoader workers (decode + resize + RoI sampling)
     # test (fast-rcnn test.py; py-faster-rcnn thresholds)
-    test_nms: float = 0.3
-    score_thresh: float = 0.05
-    max_dets: int = 100  # per image, all classes
-    svd: bool = False  # truncated SVD of fc6/fc7 at test (paper Sec. 3.1)
-    svd_fc6_rank: int = 1024
-    svd_fc7_rank: int = 256
+    test_nms: float = opt(0.3, DET_TEST, range="[0, 1]")
+    score_thresh: float = opt(0.05, DET_TEST, range="[0, 1]")
+    max_dets: int = opt(100, DET_TEST, range="[0, big]")  # per image, all classes
+    svd: bool = opt(False, DET_TEST)  # truncated SVD of fc6/fc7 at test (paper Sec. 3.1)
+    svd_fc6_rank: int = opt(1024, DET_TEST, range="[1, big]")
+    svd_fc7_rank: int = opt(256, DET_TEST, range="[1, big]")
 
 
 @dataclass
 class SweepConfig:
-    methods: list[str] = field(default_factory=lambda: ["deepmask", "selective_search"])
-    counts: list[int] = field(default_factory=lambda: [10, 20, 50, 100, 200, 300, 500, 1000, 2000])
+    methods: list[str] = opt(["deepmask", "selective_search"], SWEEP)
+    counts: list[int] = opt([10, 20, 50, 100, 200, 300, 500, 1000, 2000], SWEEP, range="[1, big]")
+    # detector seeds: one Fast R-CNN per method and seed, the sweep reports mean and spread per N (empty: the
+    # top-level seed alone). Each detector's own key holds its seed; this list says which detectors exist.
+    seeds: list[int] = opt([], SWEEP, range="[0, 9.2e18]")
 
 
 @dataclass
 class Config:
-    name: str = "default"
-    out_dir: str = "runs"
-    seed: int = 0
-    device: str = "cpu"
+    name: str = opt("default")
+    out_dir: str = opt("runs")
+    seed: int = opt(0, DM_TRAIN, DET_TRAIN, range="[0, 9.2e18]")  # DeepMask and (without sweep.seeds) detectors
+    device: str = opt("cpu")  # where it runs; the numbers it gives are not part of any stage's identity
     data: DataConfig = field(default_factory=DataConfig)
     ss: SSConfig = field(default_factory=SSConfig)
     random: RandomConfig = field(default_factory=RandomConfig)
@@ -208,6 +268,50 @@ class Config:
     @property
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.name
+
+    @property
+    def detector_seeds(self) -> list[int]:
+        """The seeds of the detectors a run trains (sweep.seeds, or the top-level seed alone)."""
+        return list(dict.fromkeys(self.sweep.seeds)) or [self.seed]
+
+
+SECTIONS = ("data", "ss", "random", "deepmask", "detector", "sweep")
+
+
+def leaf_fields(cls=None, prefix: str = ""):
+    """(dotted key, dataclasses.Field) of every field of the config with metadata, sections expanded."""
+    cls = cls or Config
+    for f in dataclasses.fields(cls):
+        if f.name in SECTIONS and cls is Config:
+            yield from leaf_fields(f.type if isinstance(f.type, type) else _hints(cls)[f.name], f"{f.name}.")
+        else:
+            yield prefix + f.name, f
+
+
+def field_info(key: str) -> dict:
+    """The metadata (affects, range, resume) of a dotted key, e.g. 'deepmask.top_n'."""
+    for k, f in leaf_fields():
+        if k == key:
+            return dict(f.metadata)
+    raise ConfigError(f"unknown config key '{key}'")
+
+
+def values_for(cfg, tag: str, section: str | None = None, resumable: bool = True) -> dict:
+    """{dotted key: value} of the fields (of one `section`, or all) that affect `tag`; ``resumable=False`` leaves
+    out the fields whose change a training may resume across (its checkpoint's identity)."""
+    out = {}
+    for key, f in leaf_fields():
+        if tag not in f.metadata.get("affects", ()) or (section and not key.startswith(section + ".")):
+            continue
+        if not resumable and f.metadata.get("resume"):
+            continue
+        node = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        out[key] = dataclasses.asdict(node) if dataclasses.is_dataclass(node) else (
+            [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in node] if isinstance(node, list)
+            else node)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- machinery
@@ -326,61 +430,31 @@ def from_dict(data: dict) -> Config:
 
 
 # ----------------------------------------------------------------------------------------------- value ranges
-# Numeric keys whose values outside these intervals are meaningless: refused here with the key named, instead of
-# failing deep inside a stage with an unrelated exception (found by tests/test_fuzz.py) or allocating without bound.
-# '(' / ')' exclude the end. Lists: every item. Floats are at most 1e30 (SGD keeps them as float32).
-_BIG = 1e30
-_RANGES = {
-    "seed": "[0, 9.2e18]",
-    "ss.seed": "[0, 4294967295]", "ss.workers": "[0, 1024]",
-    "random.top_n": "[1, big]", "random.min_side": "[1, big]", "random.seed": "[0, 4294967295]",
-    "deepmask.seg_channels": "[1, 8192]", "deepmask.lowrank_dim": "[1, 8192]", "deepmask.mask_size": "[1, 1024]",
-    "deepmask.patch_size": "[16, 2048]", "deepmask.object_size": "(0, 2048]", "deepmask.score_hidden": "[1, 16384]",
-    "deepmask.dropout": "[0, 1)", "deepmask.val_fraction": "[0, 1)", "deepmask.pos_shift": "[0, 10000]",
-    "deepmask.pos_scale": "[0, 8]", "deepmask.neg_shift": "[0, 10000]", "deepmask.neg_scale": "[0, 8]",
-    "deepmask.neg_scale_min": "[-16, 16]", "deepmask.neg_scale_max": "[-16, 16]", "deepmask.min_area": "[0, big]",
-    "deepmask.min_side": "[0, big]", "deepmask.image_cache": "[0, 1000000]", "deepmask.iters": "[0, big]",
-    "deepmask.batch_size": "[2, 65536]", "deepmask.lr": "(0, big]", "deepmask.momentum": "[0, 1)",
-    "deepmask.weight_decay": "[0, big]", "deepmask.lr_steps": "[0, big]", "deepmask.gamma": "(0, big]",
-    "deepmask.score_weight": "[0, big]", "deepmask.workers": "[0, 1024]", "deepmask.val_every": "[0, big]",
-    "deepmask.val_batches": "[0, 1000000]", "deepmask.checkpoint_every": "[0, big]", "deepmask.scale_min": "[-16, 16]",
-    "deepmask.scale_max": "[-16, 16]", "deepmask.scale_step": "(0, 16]", "deepmask.mask_threshold": "(0, 1)",
-    "deepmask.top_n": "[1, big]", "deepmask.nms": "[0, 1]", "deepmask.infer_pad": "[0, 16]",
-    "deepmask.max_image_side": "[0, big]", "deepmask.chunk": "[1, big]",
-    "detector.fc_dim": "[1, 16384]", "detector.dropout": "[0, 1)", "detector.roi_size": "[1, 64]",
-    "detector.scales": "[1, 100000]", "detector.max_size": "[1, 100000]", "detector.test_scale": "[1, 100000]",
-    "detector.train_top": "[0, big]", "detector.ims_per_batch": "[1, 1024]", "detector.batch_rois": "[1, 1000000]",
-    "detector.fg_fraction": "[0, 1]", "detector.fg_thresh": "[0, 1]", "detector.bg_thresh_hi": "[0, 1]",
-    "detector.bg_thresh_lo": "[0, 1]", "detector.bbox_stds": "(0, big]", "detector.lr": "(0, big]",
-    "detector.momentum": "[0, 1)", "detector.weight_decay": "[0, big]", "detector.bias_lr_factor": "[0, big]",
-    "detector.bias_weight_decay": "[0, big]", "detector.iters": "[0, big]", "detector.lr_steps": "[0, big]",
-    "detector.gamma": "(0, big]", "detector.checkpoint_every": "[0, big]", "detector.log_every": "[0, big]",
-    "detector.workers": "[0, 1024]", "detector.test_nms": "[0, 1]", "detector.score_thresh": "[0, 1]",
-    "detector.max_dets": "[0, big]", "detector.svd_fc6_rank": "[1, big]", "detector.svd_fc7_rank": "[1, big]",
-    "sweep.counts": "[1, big]",
-}
+# Values outside a field's range (its metadata) are refused here with the key named, instead of failing deep inside
+# a stage with an unrelated exception (found by tests/test_fuzz.py) or allocating without bound.
 
 
 def _check_range(key: str, value, interval: str) -> None:
     lo_s, hi_s = (t.strip() for t in interval[1:-1].split(","))
-    lo, hi = (_BIG if t == "big" else float(t) for t in (lo_s, hi_s))
+    lo, hi = (BIG if t == "big" else float(t) for t in (lo_s, hi_s))
     items = value if isinstance(value, list) else [value]
     for i, v in enumerate(items):
         ok = (v > lo if interval[0] == "(" else v >= lo) and (v < hi if interval[-1] == ")" else v <= hi)
         if not ok:
             k = f"{key}[{i}]" if isinstance(value, list) else key
-            shown = interval.replace("big", f"{_BIG:g}")
+            shown = interval.replace("big", f"{BIG:g}")
             v = repr(v) if len(repr(v)) <= 24 else f"{float(v):.4g}"
             raise ConfigError(f"config key '{k}': {v} is out of range (expected a value in {shown})")
 
 
 def validate(cfg: Config) -> None:
-    """ConfigError naming the key for a value outside its range (see _RANGES) or inconsistent pairs."""
-    for key, interval in _RANGES.items():
-        node = cfg
-        for part in key.split("."):
-            node = getattr(node, part)
-        _check_range(key, node, interval)
+    """ConfigError naming the key for a value outside its range (its field's metadata) or inconsistent pairs."""
+    for key, f in leaf_fields():
+        if f.metadata.get("range"):
+            node = cfg
+            for part in key.split("."):
+                node = getattr(node, part)
+            _check_range(key, node, f.metadata["range"])
     d, dm = cfg.detector, cfg.deepmask
     if d.bg_thresh_lo > d.bg_thresh_hi:
         raise ConfigError(f"config keys 'detector.bg_thresh_lo' ({d.bg_thresh_lo}) > 'detector.bg_thresh_hi' "

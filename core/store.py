@@ -194,6 +194,18 @@ class ProposalStore:
             raise DataError(f"{f}: proposals of image '{image_id}' contain NaN or infinite values")
         return Proposals(boxes.astype(np.float32, copy=False), scores.astype(np.float32, copy=False), rles)
 
+    def fingerprint(self, top: int | None = None, image_ids=None) -> str:
+        """SHA-1 of the top `top` boxes of every image (of `image_ids`, default all, in that order): what a
+        detector trained on this store reads. Same boxes, same fingerprint, whatever the settings that made them
+        (a larger top_n of a ranked method keeps its first boxes)."""
+        import hashlib
+
+        h = hashlib.sha1()
+        for i in (self.image_ids if image_ids is None else image_ids):
+            h.update(str(i).encode() + b"\0")
+            h.update(np.ascontiguousarray(self.get(i, top=top, masks=False).boxes, dtype=np.float32).tobytes())
+        return h.hexdigest()[:16]
+
     def __len__(self):
         return len(self.image_ids)
 

@@ -57,8 +57,6 @@ from .transforms import compute_scale, flip_boxes, flip_image, pad_batch, resize
 log = logging.getLogger(__name__)
 
 CKPT_RE = re.compile(r"^ckpt_(\d+)\.pt$")
-# Config keys that may change between a checkpoint and its resumption (schedule length, bookkeeping).
-RESUMABLE_KEYS = ("iters", "checkpoint_every", "log_every", "workers")
 
 
 # ------------------------------------------------------------------------------------------------------- data
@@ -234,25 +232,32 @@ def build_optimizer(model: torch.nn.Module, dcfg) -> torch.optim.Optimizer:
 # ------------------------------------------------------------------------------------------------------- checkpoints
 
 
+def _train_fields(dcfg_or_cfg) -> dict:
+    """The detector fields that change what is trained, except the resumable ones (iters): from the fields'
+    metadata in core/config.py (test-time and bookkeeping settings are not among them)."""
+    from core.config import DET_TRAIN, values_for
+
+    return {k.split(".", 1)[1]: v for k, v in
+            values_for(dcfg_or_cfg, DET_TRAIN, section="detector", resumable=False).items()}
+
+
 def _identity(cfg: Config, store_path: str, top: int | None, classes) -> dict:
     """What must match between a checkpoint and the run resuming it."""
-    det = {k: v for k, v in to_dict(cfg.detector).items() if k not in RESUMABLE_KEYS}
-    return {"detector": det, "seed": cfg.seed, "voc": str(Path(cfg.data.voc).resolve()) if cfg.data.voc else "",
+    return {"detector": _train_fields(cfg), "seed": cfg.seed,
+            "voc": str(Path(cfg.data.voc).resolve()) if cfg.data.voc else "",
             "train_split": cfg.data.train_split, "proposals": str(Path(store_path).resolve()), "top": top,
             "classes": list(classes)}
 
 
 def _with_new_defaults(old: dict | None) -> dict:
-    """A checkpoint's identity with detector keys added to the config since it was written set to their defaults
-    (so adding a config field does not make older checkpoints unresumable)."""
-    from core.config import DetectorConfig
+    """A checkpoint's identity in today's terms: training fields added to the config since it was written take
+    their defaults, and fields that no longer count (test-time settings an older version compared) are dropped,
+    so neither makes an older checkpoint unresumable."""
+    from core.config import Config
 
     old = dict(old or {})
     det = dict(old.get("detector") or {})
-    for k, v in to_dict(DetectorConfig()).items():
-        if k not in RESUMABLE_KEYS:
-            det.setdefault(k, v)
-    old["detector"] = det
+    old["detector"] = {k: det.get(k, v) for k, v in _train_fields(Config()).items()}
     return old
 
 
@@ -315,7 +320,7 @@ def train_detector(cfg: Config, store, dataset, out_dir, top: int | None = None,
     """Train Fast R-CNN on ``dataset`` with proposals from ``store`` (a ProposalStore path), writing checkpoints
     ``ckpt_<iter>.pt`` every ``checkpoint_every`` iterations, ``history.json`` and ``final.pt`` into ``out_dir``.
 
-    Resumes exactly from the latest checkpoint in ``out_dir`` (same config apart from RESUMABLE_KEYS). ``top``:
+    Resumes exactly from the latest checkpoint in ``out_dir`` (same training fields, see :func:`_identity`). ``top``:
     proposals per image (default ``cfg.detector.train_top``; 0 = all). ``stop_after``: stop (with a checkpoint)
     after this iteration, as if interrupted (tests). Returns {'final': path|None, 'iteration': int,
     'losses': [per-iteration dicts of this call]}."""

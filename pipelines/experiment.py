@@ -1,9 +1,13 @@
-"""The whole experiment as resumable stages: data -> DeepMask -> proposals -> Fast R-CNN per method -> sweep.
+"""The whole experiment as resumable stages: data -> DeepMask -> proposals -> Fast R-CNN per method (and seed) -> sweep.
 
-Each stage writes its outputs under ``runs/<name>/`` and, last, a ``<stage>.done.json`` marker holding a hash of
-everything the stage depends on (its config section, its inputs). A stage whose marker matches is skipped, so a
-stopped run resumes where it was, and a second run of the same config finishes in seconds. Inside a stage the
-library's own checkpoints (training) and per-image files (proposal stores) resume unfinished work.
+Each stage writes its outputs under ``runs/<name>/`` and, last, a ``stages/<stage>.done.json`` marker holding its
+key. Keys come from one source, :func:`stage_keys`: the config fields that affect the stage (each field's metadata
+in core/config.py says which), the keys of the stages it reads, and the image ids of the splits it reads. A stage
+whose marker matches is skipped, so a stopped run resumes where it was and a second run of the same config finishes
+in seconds. When a stage's key changed, its old outputs are moved aside to ``runs/<name>/stale/<stage>-<old key>/``
+(one log line says where), never deleted; only a training whose *resumable* fields changed (``iters``,
+``val_every``) keeps its folder and continues from its checkpoint. Inside a stage the library's own checkpoints
+(training) and per-image files (proposal stores) resume unfinished work.
 
 Under ``torchrun`` (core/distributed.py) every rank runs this same sequence: rank 0 alone makes the data and writes
 the stage markers (the others wait at barriers and take its decisions), and all ranks join each stage, which the
@@ -12,17 +16,22 @@ library distributes itself (DDP training, sharded extraction and testing).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import shutil
 import time
 from pathlib import Path
 
 from core import distributed
-from core.config import CocoSource, Config, save_config, section_hash
+from core.config import (DET_TEST, DET_TRAIN, DM_INFER, DM_TRAIN, RANDOM, SS, SWEEP, TEST_SPLIT, TRAIN_SPLIT,
+                         CocoSource, Config, save_config, section_hash, values_for)
 from core.errors import ConfigError
 from core.io import read_json, write_json
 
 log = logging.getLogger(__name__)
+
+METHOD_TAG = {"deepmask": DM_INFER, "selective_search": SS, "random": RANDOM}
+SWEEP_OUTPUTS = ("sweep.json", "sweep.csv", "recall.json", "figure5.png", "recall.png", "results")
 
 
 @dataclasses.dataclass
@@ -36,12 +45,65 @@ class RunPaths:
     def store(self, method: str, split: str) -> Path:
         return self.root / "proposals" / f"{method}_{split}"
 
-    def detector(self, method: str) -> Path:
-        return self.root / f"detector_{method}"
+    def detector(self, method: str, seed: int | None = None) -> Path:
+        """The detector of `method` trained with `seed`; None: the run's main seed (``detector_<method>``)."""
+        return self.root / (f"detector_{method}" if seed is None else f"detector_{method}_seed{seed}")
 
-    @property
-    def sweep(self) -> Path:
-        return self.root
+    def detectors(self, cfg: Config, method: str) -> list[tuple[int, Path]]:
+        """(seed, folder) of every detector of `method` the config trains: the top-level seed's is
+        ``detector_<method>`` (what pipelines.detect --run uses), the others ``detector_<method>_seed<k>``."""
+        return [(s, self.detector(method, None if s == cfg.seed else s)) for s in cfg.detector_seeds]
+
+
+def split_identity(ds) -> dict:
+    """What a stage reading a dataset split depends on: the dataset, the split and the ids it actually holds."""
+    ids = "\n".join(str(i) for i in ds.image_ids)
+    return {"dataset": ds.name, "split": ds.split, "images": len(ds.image_ids),
+            "ids_sha1": hashlib.sha1(ids.encode()).hexdigest()[:16]}
+
+
+def detector_stage(method: str, seed: int, cfg: Config) -> str:
+    return f"train_detector_{method}" + ("" if seed == cfg.seed else f"_seed{seed}")
+
+
+def stage_keys(cfg: Config, train_split: dict, test_split: dict, train_proposals: dict | None = None
+               ) -> dict[str, dict]:
+    """{stage name: {'key', 'resume_key'}} of every stage of the run, from the config fields' metadata (what each
+    affects), the stages each reads, and the identities of the two splits (:func:`split_identity`). Pure: the
+    same inputs give the same keys, on any machine. ``resume_key`` (trainings only) leaves out the fields a
+    training may resume across. ``train_proposals``: {method: fingerprint of the training proposals a detector
+    reads} once they exist (:meth:`ProposalStore.fingerprint`); a detector then depends on those boxes rather
+    than on the settings that made them, so an inference setting that leaves its top boxes as they were (a
+    larger top_n) does not retrain it."""
+    keys: dict[str, dict] = {}
+    methods = list(cfg.sweep.methods)
+    splits = {"train": (cfg.data.train_split, train_split, TRAIN_SPLIT),
+              "test": (cfg.data.test_split, test_split, TEST_SPLIT)}
+    if "deepmask" in methods:
+        keys["train_deepmask"] = {"key": section_hash(values_for(cfg, DM_TRAIN)),
+                                  "resume_key": section_hash(values_for(cfg, DM_TRAIN, resumable=False))}
+    for method in methods:
+        for kind, (split, ident, tag) in splits.items():
+            deps = {"method": method, "params": values_for(cfg, METHOD_TAG[method]), "split": ident,
+                    "split_fields": values_for(cfg, tag)}
+            if method == "deepmask":
+                deps["deepmask"] = keys["train_deepmask"]["key"]
+            keys[f"proposals_{method}_{split}"] = {"key": section_hash(deps), "resume_key": None}
+    for method in methods:
+        for seed in cfg.detector_seeds:
+            props = (train_proposals or {}).get(method) or keys[f"proposals_{method}_{cfg.data.train_split}"]["key"]
+            deps = {"proposals": props, "seed": seed,
+                    "split": train_split, "split_fields": values_for(cfg, TRAIN_SPLIT)}
+            train = {k: v for k, v in values_for(cfg, DET_TRAIN).items() if k != "seed"}
+            fixed = {k: v for k, v in values_for(cfg, DET_TRAIN, resumable=False).items() if k != "seed"}
+            keys[detector_stage(method, seed, cfg)] = {"key": section_hash({**deps, "detector": train}),
+                                                       "resume_key": section_hash({**deps, "detector": fixed})}
+    reads = {name: v["key"] for name, v in keys.items()
+             if name.startswith("train_detector_") or name.endswith(f"_{cfg.data.test_split}")}
+    keys["sweep"] = {"key": section_hash({"sweep": values_for(cfg, SWEEP), "test": values_for(cfg, DET_TEST),
+                                          "reads": reads, "split": test_split,
+                                          "split_fields": values_for(cfg, TEST_SPLIT)}), "resume_key": None}
+    return keys
 
 
 def resolve_data(cfg: Config, progress: bool = True) -> Config:
@@ -75,11 +137,12 @@ def _synthetic_params(cfg: Config) -> dict:
 
 
 class Stages:
-    """Runs named stages once per (name, dependency hash)."""
+    """Runs named stages once per key; outputs of an older key are moved aside, never deleted."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
         self.timings: dict[str, float] = {}
+        self.ran: list[str] = []
 
     def _marker(self, name: str) -> Path:
         return self.root / "stages" / f"{name}.done.json"
@@ -91,28 +154,54 @@ class Stages:
         st = read_json(m)
         return st.get("key") == key and st.get("status") == "done"
 
-    def run(self, name: str, key: str, fn, outputs: Path | None = None):
+    def move_aside(self, name: str, old_key: str, outputs: list[Path]) -> Path | None:
+        """Move the existing `outputs` of stage `name` (made under `old_key`) to ``stale/<name>-<old_key>/``."""
+        present = [p for p in outputs if p.exists()]
+        if not present:
+            return None
+        dest = self.root / "stale" / f"{name}-{old_key}"
+        k = 1
+        while dest.exists():
+            dest = self.root / "stale" / f"{name}-{old_key}.{k}"
+            k += 1
+        dest.mkdir(parents=True)
+        for p in present:
+            shutil.move(str(p), str(dest / p.name))
+        return dest
+
+    def run(self, name: str, key: str, fn, outputs=None, resume_key: str | None = None):
         """Run `fn` unless stage `name` is done for `key`. When the stage last ran (or started) for another key,
-        its `outputs` are removed first, so that stale results of an older config are never mixed in; a stage
-        that was interrupted under the same key keeps them, and the library resumes from them."""
+        its `outputs` (a path or a list of paths) are moved aside first, so that results of an older config are
+        never mixed in nor lost -- except when `resume_key` is the same as then: a training whose resumable fields
+        alone changed continues from its checkpoint. A stage interrupted under the same key keeps its outputs,
+        and the library resumes from them."""
         marker = self._marker(name)
+        outputs = [] if outputs is None else [Path(p) for p in (outputs if isinstance(outputs, (list, tuple))
+                                                               else [outputs])]
         main = distributed.is_main()  # torchrun: rank 0 decides and writes the markers, every rank runs fn
         if distributed.broadcast_object(self.is_done(name, key) if main else None):
             log.info("stage %-34s skipped (done for this config)", name)
             return read_json(marker).get("result")
         if main:
-            if marker.is_file() and read_json(marker).get("key") != key and outputs is not None and outputs.exists():
-                log.info("stage %-34s config changed: removing %s", name, outputs)
-                shutil.rmtree(outputs)
-            write_json(marker, {"key": key, "status": "running"})
+            old = read_json(marker) if marker.is_file() else {}
+            if old.get("key") not in (None, key):
+                if resume_key is not None and old.get("resume_key") == resume_key:
+                    log.info("stage %-34s only resumable settings changed: continuing from its checkpoint", name)
+                else:
+                    dest = self.move_aside(name, old["key"], outputs)
+                    if dest is not None:
+                        log.info("stage %-34s config changed: its earlier outputs are kept in %s", name, dest)
+            write_json(marker, {"key": key, "resume_key": resume_key, "status": "running"})
         distributed.barrier()
         log.info("stage %-34s running", name)
+        self.ran.append(name)
         t0 = time.time()
         result = fn()
         dt = time.time() - t0
         self.timings[name] = dt
         if main:
-            write_json(marker, {"key": key, "status": "done", "result": result, "seconds": round(dt, 1)}, indent=1)
+            write_json(marker, {"key": key, "resume_key": resume_key, "status": "done", "result": result,
+                                "seconds": round(dt, 1)}, indent=1)
         distributed.barrier()
         log.info("stage %-34s done in %.1f s", name, dt)
         return result
@@ -139,43 +228,46 @@ def run_experiment(cfg: Config, progress: bool = True) -> dict:
     if unknown:
         raise ConfigError(f"config key 'sweep.methods': unknown method(s) {unknown} (choose from {', '.join(METHODS)})")
 
+    keys = stage_keys(cfg, split_identity(train_ds), split_identity(test_ds))
+
     # 1. DeepMask
     dm_ckpt = None
     if "deepmask" in methods:
-        dm_key = section_hash({"deepmask": cfg.deepmask, "seed": cfg.seed})
-        dm_ckpt = stages.run("train_deepmask", dm_key, lambda: _train_deepmask(cfg, paths.deepmask, progress),
-                             outputs=paths.deepmask)
+        k = keys["train_deepmask"]
+        dm_ckpt = stages.run("train_deepmask", k["key"], lambda: _train_deepmask(cfg, paths.deepmask, progress),
+                             outputs=paths.deepmask, resume_key=k["resume_key"])
 
-    # 2. proposals of both methods for the detector's train and test splits
+    # 2. proposals of every method for the detector's train and test splits
     stores: dict[tuple[str, str], str] = {}
-    from proposals import proposer_params
-
     for method in methods:
-        params = proposer_params(method, cfg, dm_ckpt)
         for ds in (train_ds, test_ds):
-            key = section_hash({"params": params, "dataset": ds.name, "split": ds.split})
             out = paths.store(method, ds.split)
             stores[method, ds.split] = stages.run(
-                f"proposals_{method}_{ds.split}", key,
+                f"proposals_{method}_{ds.split}", keys[f"proposals_{method}_{ds.split}"]["key"],
                 lambda m=method, d=ds, o=out: _extract(cfg, m, d, o, dm_ckpt, progress), outputs=out)
 
-    # 3. one Fast R-CNN per method
-    detectors: dict[str, str] = {}
+    # 3. one Fast R-CNN per method and seed, keyed by the training proposals it reads
+    from core.store import ProposalStore
+
+    top = cfg.detector.train_top or None
+    fingerprints = {m: ProposalStore.open(stores[m, train_ds.split]).fingerprint(top, train_ds.image_ids)
+                    for m in methods} if distributed.is_main() else None
+    keys = stage_keys(cfg, split_identity(train_ds), split_identity(test_ds), distributed.broadcast_object(fingerprints))
     for method in methods:
-        key = section_hash({"detector": cfg.detector, "seed": cfg.seed, "store": stores[method, train_ds.split],
-                            "store_key": read_json(Path(stores[method, train_ds.split]) / "meta.json")["params"]})
-        detectors[method] = stages.run(
-            f"train_detector_{method}", key,
-            lambda m=method: _train_detector(cfg, stores[m, train_ds.split], train_ds, paths.detector(m), progress),
-            outputs=paths.detector(method))
+        for seed, folder in paths.detectors(cfg, method):
+            k = keys[detector_stage(method, seed, cfg)]
+            stages.run(detector_stage(method, seed, cfg), k["key"],
+                       lambda m=method, s=seed, f=folder: _train_detector(
+                           dataclasses.replace(cfg, seed=s), stores[m, train_ds.split], train_ds, f, progress),
+                       outputs=folder, resume_key=k["resume_key"])
 
     # 4. the sweep, plots and the summary
     from pipelines.sweep import run_sweep
 
-    key = section_hash({"sweep": cfg.sweep, "detectors": detectors, "det": cfg.detector,
-                        "stores": {f"{m}/{s}": v for (m, s), v in stores.items()}})
-    stages.run("sweep", key, lambda: run_sweep(paths.root, cfg=cfg, progress=progress) and "sweep.json")
+    stages.run("sweep", keys["sweep"]["key"], lambda: run_sweep(paths.root, cfg=cfg, progress=progress) and
+               "sweep.json", outputs=[paths.root / n for n in SWEEP_OUTPUTS])
     summary = read_json(paths.root / "sweep.json")
+    summary["stages_run"] = list(stages.ran)
     return summary
 
 

@@ -27,12 +27,20 @@ def _save(fig, path) -> None:
 
 def plot_figure5(rows: list[dict], path, title: str = "Fast R-CNN mAP vs number of proposals",
                  paper: bool = False) -> None:
-    """rows: [{'method', 'N', 'mAP'}]; mAP in [0, 1], plotted in percent on a log-N axis."""
+    """rows: [{'method', 'N', 'mAP', optional 'mAP_std', 'mAP_per_seed'}]; mAP in [0, 1], plotted in percent on
+    a log-N axis; with several detector seeds, the mean with +-1 std error bars and each seed's value as a dot."""
     fig, ax = plt.subplots(figsize=(5.2, 3.8))
     for method in sorted({r["method"] for r in rows}):
-        pts = sorted((r["N"], 100 * r["mAP"]) for r in rows if r["method"] == method)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=LABELS.get(method, method),
-                color=COLORS.get(method))
+        rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["N"])
+        n_seeds = max(len(r.get("mAP_per_seed", [0])) for r in rs)
+        label = LABELS.get(method, method) + (f" (mean \u00b1 std, {n_seeds} seeds)" if n_seeds > 1 else "")
+        ax.errorbar([r["N"] for r in rs], [100 * r["mAP"] for r in rs],
+                    yerr=[100 * r.get("mAP_std", 0.0) for r in rs] if n_seeds > 1 else None, fmt="o-", capsize=3,
+                    label=label, color=COLORS.get(method))
+        if n_seeds > 1:
+            xs = [r["N"] for r in rs for _ in r["mAP_per_seed"]]
+            ax.plot(xs, [100 * v for r in rs for v in r["mAP_per_seed"]], ".", ms=3, alpha=0.5,
+                    color=COLORS.get(method))
         if paper and method in PAPER_FIG5:
             ref = sorted(PAPER_FIG5[method].items())
             ax.plot([p[0] for p in ref], [p[1] for p in ref], "x", color=COLORS.get(method), ms=9,

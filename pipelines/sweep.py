@@ -83,54 +83,95 @@ def run_sweep(run, cfg: Config | None = None, counts: list[int] | None = None, p
     counts = sorted(counts or cfg.sweep.counts)
     test_ds = VOCDataset(cfg.data.voc, cfg.data.test_split, max_images=cfg.data.test_images)
     methods = list(cfg.sweep.methods)
-    rows = []
+    from pipelines.experiment import RunPaths
+
+    seed_rows = []
     for method in methods:
-        ckpt = run / f"detector_{method}" / "final.pt"
         store = run / "proposals" / f"{method}_{test_ds.split}"
-        for p, what in ((ckpt, "trained detector"), (store / "meta.json", "test proposals")):
-            if not p.exists():
-                raise DataError(f"{p}: missing {what} of method '{method}' (run `python -m pipelines.run` first)")
-        log.info("sweep: %s detector with top %s proposals on %s", method, counts, test_ds.split)
-        res = test_detector(ckpt, store, test_ds, tops=counts, out_dir=run / "results" / method, cfg=cfg,
-                            progress=progress)
-        for n in counts:
-            r = res[n]
-            rows.append({"method": method, "N": int(n), "mAP": round(float(r["mAP"]), 5),
-                         "ap": {k: round(float(v), 5) for k, v in r["ap"].items()}})
+        for seed, folder in RunPaths(run).detectors(cfg, method):
+            ckpt = folder / "final.pt"
+            for p, what in ((ckpt, f"trained detector (seed {seed})"), (store / "meta.json", "test proposals")):
+                if not p.exists():
+                    raise DataError(f"{p}: missing {what} of method '{method}' (run `python -m pipelines.run` first)")
+            log.info("sweep: %s detector (seed %d) with top %s proposals on %s", method, seed, counts, test_ds.split)
+            res = test_detector(ckpt, store, test_ds, tops=counts, out_dir=run / "results" / folder.name.removeprefix("detector_"),
+                                cfg=cfg, progress=progress)
+            for n in counts:
+                r = res[n]
+                seed_rows.append({"method": method, "N": int(n), "seed": int(seed), "mAP": round(float(r["mAP"]), 5),
+                                  "ap": {k: round(float(v), 5) for k, v in r["ap"].items()}})
+    rows = aggregate_seeds(seed_rows)
+
     from core import distributed
 
     if not distributed.is_main():  # torchrun: every rank joined the tests above; rank 0 writes the rest
-        return {"rows": rows}
+        return {"rows": rows, "seed_rows": seed_rows}
     recall = recall_curves(cfg, run, test_ds, methods, max(counts), progress)
-    summary = {"name": cfg.name, "test_split": test_ds.split, "dataset": test_ds.name, "counts": counts,
-               "rows": rows, "recall": recall["summary"]}
+    summary = {"name": cfg.name, "test_split": test_ds.split, "dataset": test_ds.name, "test_images": len(test_ds),
+               "counts": counts,
+               "seeds": sorted({r["seed"] for r in seed_rows}), "rows": rows, "seed_rows": seed_rows,
+               "recall": recall["summary"]}
     write_json(run / "sweep.json", summary, indent=1)
     write_json(run / "recall.json", recall, indent=1)
-    _write_csv(run / "sweep.csv", rows)
+    _write_csv(run / "sweep.csv", rows, seed_rows)
     plot_figure5(rows, run / "figure5.png", title=f"Fast R-CNN mAP vs proposals ({cfg.name}, {test_ds.split})")
     plot_recall({k: recall[k] for k in ("box", "segm")}, run / "recall.png",
                 title=f"Average recall vs proposals ({cfg.name}, {test_ds.split})")
     return summary
 
 
-def _write_csv(path, rows) -> None:
-    classes = sorted({c for r in rows for c in r["ap"]})
+def aggregate_seeds(seed_rows: list[dict]) -> list[dict]:
+    """One row per (method, N): mAP and per-class AP averaged over the detector seeds, with the spread (sample
+    standard deviation, 0 for one seed), min, max and the per-seed values."""
+    import numpy as np
+
+    groups: dict = {}
+    for r in seed_rows:
+        groups.setdefault((r["method"], r["N"]), []).append(r)
+    rows = []
+    for (method, n), rs in groups.items():
+        m = np.array([r["mAP"] for r in rs], dtype=np.float64)
+        classes = sorted({c for r in rs for c in r["ap"]})
+        rows.append({"method": method, "N": n, "mAP": round(float(m.mean()), 5),
+                     "mAP_std": round(float(m.std(ddof=1)) if len(m) > 1 else 0.0, 5),
+                     "mAP_min": round(float(m.min()), 5), "mAP_max": round(float(m.max()), 5),
+                     "seeds": [r["seed"] for r in rs], "mAP_per_seed": [r["mAP"] for r in rs],
+                     "ap": {c: round(float(np.mean([r["ap"][c] for r in rs if c in r["ap"]])), 5) for c in classes}})
+    return rows
+
+
+def _write_csv(path, rows, seed_rows) -> None:
+    """One line per (method, N, seed), then the mean over seeds (seed 'mean', with mAP_std)."""
+    classes = sorted({c for r in seed_rows for c in r["ap"]})
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["method", "N", "mAP"] + classes)
+    w.writerow(["method", "N", "seed", "mAP", "mAP_std"] + classes)
+    for r in seed_rows:
+        w.writerow([r["method"], r["N"], r["seed"], f"{r['mAP']:.4f}", ""] +
+                   [f"{r['ap'].get(c, float('nan')):.4f}" for c in classes])
     for r in rows:
-        w.writerow([r["method"], r["N"], f"{r['mAP']:.4f}"] + [f"{r['ap'].get(c, float('nan')):.4f}" for c in classes])
+        w.writerow([r["method"], r["N"], "mean", f"{r['mAP']:.4f}", f"{r['mAP_std']:.4f}"] +
+                   [f"{r['ap'].get(c, float('nan')):.4f}" for c in classes])
     atomic_write_text(path, buf.getvalue())
 
 
 def format_summary(summary: dict) -> str:
     counts = summary["counts"]
     methods = sorted({r["method"] for r in summary["rows"]})
-    by = {(r["method"], r["N"]): r["mAP"] for r in summary["rows"]}
-    lines = [f"Fast R-CNN mAP (%) on {summary['test_split']} vs number of proposals per image"]
-    lines.append(f"{'method':<18}" + "".join(f"{n:>8}" for n in counts))
+    by = {(r["method"], r["N"]): r for r in summary["rows"]}
+    seeds = summary.get("seeds") or [0]
+    spread = len(seeds) > 1
+    w = 12 if spread else 8
+    lines = [f"Fast R-CNN mAP (%) on {summary['test_split']} vs number of proposals per image"
+             + (f" (mean \u00b1 std over detector seeds {seeds})" if spread else "")]
+    lines.append(f"{'method':<18}" + "".join(f"{n:>{w}}" for n in counts))
     for m in methods:
-        lines.append(f"{LABEL.get(m, m):<18}" + "".join(f"{100 * by[m, n]:>8.1f}" for n in counts))
+        cells = []
+        for n in counts:
+            r = by[m, n]
+            cells.append(f"{100 * r['mAP']:.1f}\u00b1{100 * r.get('mAP_std', 0):.1f}" if spread else
+                         f"{100 * r['mAP']:.1f}")
+        lines.append(f"{LABEL.get(m, m):<18}" + "".join(f"{c:>{w}}" for c in cells))
     lines.append("")
     lines.append("Proposal recall on the test split (COCO-style AR, IoU .5:.95)")
     keys = sorted({k for v in summary["recall"].values() for k in v})

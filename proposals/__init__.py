@@ -8,7 +8,7 @@ This module stays light (no torch / scikit-image at import): worker processes an
 """
 from __future__ import annotations
 
-import dataclasses
+import os
 
 import numpy as np
 
@@ -126,27 +126,47 @@ def method_has_masks(method: str) -> bool:
     return method == "deepmask"
 
 
-# DeepMaskConfig fields that change the proposals of a given checkpoint (proposals.deepmask.infer)
-DEEPMASK_INFERENCE_KEYS = ("scale_min", "scale_max", "scale_step", "zoom", "mask_threshold", "top_n", "nms",
-                           "infer_pad", "max_image_side", "infer_dtype")
+def checkpoint_fingerprint(path) -> str:
+    """SHA-1 of a checkpoint file's bytes (cached per path, size and mtime): a store's identity names the weights
+    it came from, not only their path, so a retrained model at the same path is a different store."""
+    import hashlib
+    import os
+
+    p = os.path.abspath(str(path))
+    st = os.stat(p)
+    k = (p, st.st_size, st.st_mtime_ns)
+    if k not in _FINGERPRINTS:
+        h = hashlib.sha1()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _FINGERPRINTS[k] = h.hexdigest()[:16]
+    return _FINGERPRINTS[k]
+
+
+_FINGERPRINTS: dict = {}
 
 
 def proposer_params(method: str, cfg, checkpoint: str | None = None) -> dict:
-    """What identifies a method's proposals (stored in the store's meta; a different value is a different store).
+    """What identifies a method's proposals (stored in the store's meta; a different value is a different store):
+    the config fields whose metadata says they affect the method's proposals (core/config.py), so settings that do
+    not change them (workers, chunk sizes) are left out and a resumed run may use others."""
+    from core.config import DM_INFER, RANDOM, SS, values_for
 
-    Settings that do not change the proposals (number of workers) are left out, so a resumed run may use others.
-    """
+    def short(tag, section):
+        return {k.split(".", 1)[1]: v for k, v in values_for(cfg, tag, section=section).items()}
+
     if method == "selective_search":
-        ss = dataclasses.asdict(cfg.ss)
-        ss.pop("workers", None)
-        return {"ss": ss}
+        return {"ss": short(SS, "ss")}
     if method == "random":
-        return {"random": dataclasses.asdict(cfg.random)}
+        return {"random": short(RANDOM, "random")}
     if method == "deepmask":
         # the network is the checkpoint's (architecture and weights); of the config only the inference settings
         # count -- not the training ones (train_sets, iters, ...), nor scale_batch and chunk (same proposals)
-        dm = dataclasses.asdict(cfg.deepmask)
-        return {"deepmask": {k: dm[k] for k in DEEPMASK_INFERENCE_KEYS}, "checkpoint": str(checkpoint)}
+        params = {"deepmask": short(DM_INFER, "deepmask"), "checkpoint": str(checkpoint)}
+        if checkpoint and os.path.isfile(str(checkpoint)):
+            params["checkpoint_sha1"] = checkpoint_fingerprint(checkpoint)
+        return params
     raise UserError(f"unknown proposal method {method!r} (choose one of {', '.join(METHODS)})")
 
 

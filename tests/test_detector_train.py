@@ -116,10 +116,12 @@ def test_resume_refuses_other_config(shapes, tmp_path):
     other = _cfg(shapes, "detector.iters=4", "detector.checkpoint_every=2", "detector.fg_fraction=0.5")
     with pytest.raises(CheckpointError, match="detector.fg_fraction"):
         train_detector(other, shapes["train_store"].path, shapes["train"], tmp_path, progress=False)
-    # a checkpoint written before a config field existed still resumes when the field has its default value
+    # a checkpoint written before a config field existed still resumes when the field has its default value, and
+    # one whose identity holds a test-time setting (as older versions wrote) resumes whatever that setting
     ck_path = tmp_path / "ckpt_2.pt"
     ck = torch.load(ck_path, weights_only=False)
-    del ck["identity"]["detector"]["svd_fc7_rank"]
+    del ck["identity"]["detector"]["bias_weight_decay"]
+    ck["identity"]["detector"]["score_thresh"] = 0.01  # older versions compared test-time settings too
     torch.save(ck, ck_path)
     res = train_detector(cfg, shapes["train_store"].path, shapes["train"], tmp_path, progress=False)
     assert res["final"] and [r["iter"] for r in res["losses"]] == [3, 4]

@@ -20,7 +20,7 @@ TINY = [  # the machinery, not the accuracy: tiny data, random-init small trunks
     "deepmask.checkpoint_every=2", "deepmask.workers=0", "deepmask.top_n=150", "deepmask.scale_min=-1",
     "ss.workers=1", "ss.top_n=150",
     "detector.iters=4", "detector.checkpoint_every=2", "detector.lr_steps=[3]", "detector.workers=0",
-    "detector.scales=[128]", "detector.test_scale=128", "sweep.counts=[10,100]",
+    "detector.scales=[128]", "detector.test_scale=128", "sweep.counts=[10,100]", "sweep.seeds=[0,1]",
 ]
 
 
@@ -60,9 +60,19 @@ def test_artefacts_are_well_formed(run_dir):
         assert set(r["ap"]) >= {"aeroplane", "bicycle", "bird", "boat", "bottle", "car"} & set(r["ap"])
         present = [v for v in r["ap"].values()]
         assert all(0.0 <= v <= 1.0 for v in present)
+    # two detector seeds per method: per-seed rows, and mean +- spread per (method, N)
+    assert summary["seeds"] == [0, 1] and len(summary["seed_rows"]) == 8
+    for r in rows:
+        per = [s["mAP"] for s in summary["seed_rows"] if s["method"] == r["method"] and s["N"] == r["N"]]
+        assert r["mAP_per_seed"] == per and abs(r["mAP"] - float(np.mean(per))) < 1e-4
+        assert abs(r["mAP_std"] - float(np.std(per, ddof=1))) < 1e-4 and r["mAP_min"] == min(per)
+    for m in ("deepmask", "selective_search"):
+        assert (run / f"detector_{m}_seed1" / "final.pt").is_file()
     with open(run / "sweep.csv") as f:
         csv_rows = list(csv.DictReader(f))
-    assert len(csv_rows) == 4 and {r["method"] for r in csv_rows} == {"deepmask", "selective_search"}
+    assert len(csv_rows) == 12 and {r["method"] for r in csv_rows} == {"deepmask", "selective_search"}
+    assert sorted({r["seed"] for r in csv_rows}) == ["0", "1", "mean"]
+    assert all(r["mAP_std"] != "" for r in csv_rows if r["seed"] == "mean")
     recall = json.loads((run / "recall.json").read_text())
     for m in ("deepmask", "selective_search"):
         ar = recall["box"][m]["AR"]
@@ -87,7 +97,7 @@ def test_artefacts_are_well_formed(run_dir):
 
 def test_second_run_skips_every_stage(run_dir):
     _, _, p2, first, second = run_dir
-    assert p2.stderr.count("skipped (done for this config)") == 8, p2.stderr[-2000:]
+    assert p2.stderr.count("skipped (done for this config)") == 10, p2.stderr[-2000:]  # 1 + 4 + 2x2 + 1
     assert "running" not in p2.stderr
     assert second < first
 

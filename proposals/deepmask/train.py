@@ -42,8 +42,8 @@ from tqdm import tqdm
 
 from core import distributed
 from core.distributed import rng_state as _rng_state, set_rng_state as _set_rng_state
-from core.config import Config, save_config, to_dict
-from core.errors import CheckpointError, DataError
+from core.config import DM_TRAIN, Config, save_config, to_dict, values_for
+from core.errors import CheckpointError, ConfigError, DataError
 from core.io import atomic_torch_save, load_checkpoint, write_json
 
 from .model import DeepMask, build_deepmask, upsample_masks
@@ -51,16 +51,7 @@ from .sampler import PatchSampler, PatchStream, SamplerParams, load_records, pad
 
 log = logging.getLogger(__name__)
 
-__all__ = ["deepmask_loss", "train_deepmask", "evaluate", "build_samplers", "RESUMABLE_KEYS"]
-
-# DeepMaskConfig keys that may change between a run and its resumption (they do not change what is trained up to
-# the checkpoint): the total number of iterations, loader workers, intervals, and the inference-only settings.
-RESUMABLE_KEYS = frozenset({
-    "iters", "workers", "val_every", "checkpoint_every", "image_cache",
-    "scale_min", "scale_max", "scale_step", "zoom", "mask_threshold", "top_n", "nms", "infer_pad",
-    "max_image_side", "scale_batch", "chunk",
-})
-
+__all__ = ["deepmask_loss", "train_deepmask", "evaluate", "build_samplers"]
 
 # ------------------------------------------------------------------------------------------------ loss
 def deepmask_loss(mask_logits: torch.Tensor, scores: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,
@@ -155,18 +146,26 @@ def evaluate(model: DeepMask, batches: list[dict], device, threshold: float, sco
 # ------------------------------------------------------------------------------------------------ checkpoints
 
 
+def training_identity(cfg: Config) -> dict:
+    """What a checkpoint must share with the config resuming it: the fields that affect DeepMask's training
+    (core/config.py metadata) except the resumable ones (iters, val_every), and the seed."""
+    ident = values_for(cfg, DM_TRAIN, section="deepmask", resumable=False)
+    ident["seed"] = cfg.seed
+    return ident
+
+
 def _check_resumable(ckpt: dict, cfg: Config, path: Path) -> None:
-    old = (ckpt.get("config") or {}).get("deepmask", {})
-    new = to_dict(cfg.deepmask)
+    from core.config import from_dict
+
+    try:  # fields added to the config since the checkpoint was written take their defaults
+        old = training_identity(from_dict(ckpt.get("config") or {}))
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: its config does not load ({e})") from None
+    new = training_identity(cfg)
     for k in sorted(set(old) | set(new)):
-        if k in RESUMABLE_KEYS:
-            continue
         if old.get(k) != new.get(k):
-            raise CheckpointError(f"{path}: was trained with deepmask.{k}={old.get(k)!r}, the config says "
-                                  f"{new.get(k)!r}; use another output folder (--out) or delete it to start over")
-    if (ckpt.get("config") or {}).get("seed") != cfg.seed:
-        raise CheckpointError(f"{path}: was trained with seed={(ckpt.get('config') or {}).get('seed')!r}, the "
-                              f"config says {cfg.seed!r}; use another output folder (--out)")
+            raise CheckpointError(f"{path}: was trained with {k}={old.get(k)!r}, the config says {new.get(k)!r}; "
+                                  f"use another output folder (--out) to train anew")
 
 
 def _lr_at(dm, it: int) -> float:
@@ -298,7 +297,7 @@ def train_deepmask(cfg: Config, out_dir, progress: bool = True, resume: bool = T
             metrics = None
             if (dm.val_every and it % dm.val_every == 0) or it == dm.iters:
                 if main:
-                    metrics = evaluate(model, val_batches, device, dm.mask_threshold, dm.score_weight)
+                    metrics = evaluate(model, val_batches, device, dm.val_mask_threshold, dm.score_weight)
                     metrics["iteration"] = it
                 metrics = distributed.broadcast_object(metrics)  # the others wait for rank 0's validation
                 history.append(metrics)
