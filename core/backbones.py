@@ -41,7 +41,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import pickle
 from pathlib import Path
 from typing import Callable
 
@@ -123,16 +122,7 @@ def _imagenet_tv_state_dict(name: str, allow_download: bool) -> tuple[dict, str]
 
 def _read_state_dict(path) -> dict:
     """Read a state dict file; unwraps {'model': sd} / {'state_dict': sd}. CheckpointError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: weight file not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # a full training checkpoint of this project (config, numpy RNG state, ...): the project's loader
-        obj = load_checkpoint(path)
-    except Exception as exc:  # corrupt / truncated / not a torch file
-        raise CheckpointError(f"{path}: cannot read weight file ({type(exc).__name__}: {exc})") from None
+    obj = load_checkpoint(path, what="weight file")  # weights_only=True: plain data, never code
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

@@ -274,26 +274,54 @@ def rank_rng_state(saved_ranks: list | None, saved: dict) -> dict:
 
 
 def rng_state() -> dict:
-    """This process's torch / numpy / python (and CUDA) RNG states, for checkpoints that resume exactly."""
+    """This process's torch / numpy / python (and CUDA) RNG states, for checkpoints that resume exactly.
+
+    Plain data only (tensors, str, int, float, None), so a checkpoint holding it loads with
+    ``torch.load(weights_only=True)``: numpy's state in its dict form (``np.random.get_state(legacy=False)``) with the
+    key as an int64 tensor, python's ``random.getstate()`` as {'version', 'state' (int64 tensor), 'gauss_next'}."""
     import random
 
-    import numpy as np
-    import torch
-
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(legacy=False), "python": random.getstate()}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
+    return plain_rng_state(st)
+
+
+def plain_rng_state(st: dict) -> dict:
+    """An RNG state of :func:`rng_state` in its plain form, also from the form older checkpoints hold
+    (``np.random.get_state()``: a tuple holding an ndarray; ``random.getstate()``: a tuple; numpy arrays as
+    key). Plain forms come back equal; keys other than 'numpy' and 'python' are kept as they are."""
+    out = dict(st)
+    npst = st.get("numpy")
+    if isinstance(npst, (tuple, list)):  # legacy tuple: (name, key, pos, has_gauss, cached_gaussian)
+        name, key, pos, has_gauss, gauss = npst
+        npst = {"bit_generator": name, "state": {"key": key, "pos": pos}, "has_gauss": has_gauss, "gauss": gauss}
+    if npst is not None:
+        out["numpy"] = {"bit_generator": str(npst["bit_generator"]),
+                        "state": {"key": torch.as_tensor(np.asarray(npst["state"]["key"]).astype(np.int64)),
+                                  "pos": int(npst["state"]["pos"])},
+                        "has_gauss": int(npst["has_gauss"]), "gauss": float(npst["gauss"])}
+    py = st.get("python")
+    if isinstance(py, (tuple, list)):  # random.getstate(): (version, 625 ints, gauss_next)
+        version, internal, gauss_next = py
+        py = {"version": version, "state": internal, "gauss_next": gauss_next}
+    if py is not None:
+        out["python"] = {"version": int(py["version"]), "state": torch.as_tensor(np.asarray(py["state"], np.int64)),
+                         "gauss_next": None if py["gauss_next"] is None else float(py["gauss_next"])}
+    return out
 
 
 def set_rng_state(st: dict) -> None:
+    """Restore a state of :func:`rng_state` (either form of :func:`plain_rng_state`)."""
     import random
 
-    import numpy as np
-    import torch
-
+    st = plain_rng_state(st)
+    npst = st["numpy"]
     torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
-    random.setstate(st["python"])
+    np.random.set_state({"bit_generator": npst["bit_generator"], "has_gauss": npst["has_gauss"], "gauss": npst["gauss"],
+                         "state": {"key": npst["state"]["key"].numpy().astype(np.uint32),
+                                   "pos": npst["state"]["pos"]}})
+    py = st["python"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss_next"]))
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])

@@ -97,11 +97,16 @@ def test_path_loading_and_mismatch(tmp_path):
     other = build_trunk("small", str(path))
     for k, v in trunk.state_dict().items():
         assert torch.equal(other.state_dict()[k], v)
-    # wrapped in a training checkpoint of this project (numpy RNG state needs the full unpickler)
+    # wrapped in a training checkpoint of this project (plain data, RNG states included)
+    from core.distributed import rng_state
+    torch.save({"model": trunk.state_dict(), "iteration": 3, "rng": rng_state()}, tmp_path / "ckpt.pth")
+    build_trunk("small", str(tmp_path / "ckpt.pth"))
+    # one of an earlier version (numpy RNG state): refused with the way to convert it, not unpickled in full
     import numpy as np
     torch.save({"model": trunk.state_dict(), "iteration": 3, "rng": {"numpy": np.random.get_state()}},
-               tmp_path / "ckpt.pth")
-    build_trunk("small", str(tmp_path / "ckpt.pth"))
+               tmp_path / "old.pth")
+    with pytest.raises(CheckpointError, match=r"old\.pth: refused.*pipelines\.convert_checkpoint"):
+        build_trunk("small", str(tmp_path / "old.pth"))
 
     missing = tmp_path / "nope.pth"
     with pytest.raises(CheckpointError, match="nope.pth"):

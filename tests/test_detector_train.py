@@ -119,7 +119,7 @@ def test_resume_refuses_other_config(shapes, tmp_path):
     # a checkpoint written before a config field existed still resumes when the field has its default value, and
     # one whose identity holds a test-time setting (as older versions wrote) resumes whatever that setting
     ck_path = tmp_path / "ckpt_2.pt"
-    ck = torch.load(ck_path, weights_only=False)
+    ck = load_checkpoint(ck_path)  # weights_only=True
     del ck["identity"]["detector"]["bias_weight_decay"]
     ck["identity"]["detector"]["score_thresh"] = 0.01  # older versions compared test-time settings too
     torch.save(ck, ck_path)
