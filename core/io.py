@@ -189,6 +189,8 @@ def convert_checkpoint(src, dst=None) -> dict:
 
     src = Path(src)
     dst = Path(dst) if dst is not None else src
+    if not hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):
+        raise CheckpointError(f"{src}: converting a checkpoint needs torch >= 2.6 (this is {torch.__version__})")
     try:
         ckpt = load_checkpoint(src)
         converted = False
