@@ -91,7 +91,8 @@ class SSConfig:
     mode: str = opt("fast", SS)  # fast (R-CNN/Fast R-CNN VOC07 proposals) | quality | single
     seed: int = opt(0, SS, range="[0, 4294967295]")  # seeds the ranking: same image + seed -> same ranked list
     min_box: int = opt(20, SS)  # selective_search_boxes.m: boxes narrower or shorter than this are dropped
-    top_n: int = opt(2000, SS)  # Fast R-CNN used ~2000 SelectiveSearch boxes per image
+    # at most this many boxes per image (0 = all: Fast R-CNN used every box, about 2k per VOC image)
+    top_n: int = opt(2000, SS, range="[0, big]")
     workers: int = opt(1, range="[0, 1024]")  # worker processes for proposal extraction
 
 
@@ -132,9 +133,15 @@ class DeepMaskConfig:
     flip: bool = opt(True, DM_TRAIN)  # ... and horizontal flip
     neg_shift: float = opt(32.0, DM_TRAIN, range="[0, 10000]")  # negatives: >= +-32 px (patch pixels) ...
     neg_scale: float = opt(1.0, DM_TRAIN, range="[0, 8]")  # ... or 2^(+-1) in scale from every canonical positive
-    # log2 range of negative patch scales: the inference scales +- one step
-    neg_scale_min: float = opt(-2.5, DM_TRAIN, range="[-16, 16]")
-    neg_scale_max: float = opt(1.5, DM_TRAIN, range="[-16, 16]")
+    # sizes (longer box side, image px) of the objects negatives are drawn around: a negative patch's scale is
+    # log-uniform over the scales that make these sizes canonical (object_size in the patch), so the range stays the
+    # same for any patch / object size. Default: the paper's inference range 64..512 widened by half an octave at
+    # each end (2^-2.5 .. 2^1.5 at object_size 128), so negatives cover every scale inference looks at
+    neg_object_range: list[float] = opt([45.254834, 724.077344], DM_TRAIN, range="(0, big]")
+    # how positives are drawn: 'official' (the official code: mask batches a category uniformly, then one of its
+    # instances; score batches an image uniformly, then one of its objects), 'category' (category then instance in
+    # every batch) or 'object' (uniform over all objects)
+    positive_sampling: str = opt("official", DM_TRAIN)
     # objects skipped as positives: crowd, area < 100 or box side < 5 (official code)
     min_area: float = opt(100.0, DM_TRAIN, range="[0, big]")
     min_side: float = opt(5.0, DM_TRAIN, range="[0, big]")
@@ -164,10 +171,13 @@ class DeepMaskConfig:
     val_mask_threshold: float = opt(0.2, DM_TRAIN, range="(0, 1)")
     checkpoint_every: int = opt(1000, range="[0, big]")
     # full-scene inference (§3.3, §3.4)
-    scale_min: float = opt(-2.0, DM_INFER, range="[-16, 16]")  # log2 of the smallest scale
-    scale_max: float = opt(1.0, DM_INFER, range="[-16, 16]")
+    # sizes (longer box side, image px) of the objects inference covers: image scales 2^s from the one that makes
+    # the largest canonical (object_size / hi) up by scale_step until the smallest is covered (object_size / lo);
+    # paper: objects 64..512 at object_size 128 = scales 2^-2 .. 2^1. Given in image pixels so that a smaller patch
+    # cannot silently change the objects covered; the store's meta.json records the range actually covered
+    object_range: list[float] = opt([64.0, 512.0], DM_INFER, range="(0, big]")
     scale_step: float = opt(0.5, DM_INFER, range="(0, 16]")
-    zoom: bool = opt(False, DM_INFER)  # DeepMaskZoom: one extra scale 2^(scale_max + scale_step), for small objects
+    zoom: bool = opt(False, DM_INFER)  # DeepMaskZoom: one extra, larger scale (objects scale_step smaller)
     mask_threshold: float = opt(0.2, DM_INFER, range="(0, 1)")  # .2 COCO, .1 PASCAL
     top_n: int = opt(2000, DM_INFER, range="[1, big]")
     # 0 = no NMS (official code); else IoU threshold of box NMS over the pasted masks
@@ -202,12 +212,14 @@ class DetectorConfig:
     freeze_early: bool = opt(True, DET_TRAIN)  # conv1_1..conv2_2 frozen for VGG16 (core.backbones)
     # keep BatchNorm of a *pretrained* trunk frozen (2 images/batch); ignored for random init
     freeze_bn: bool = opt(True, DET_TRAIN)
-    # data (fast-rcnn config.py: TRAIN.SCALES, MAX_SIZE, USE_FLIPPED, USE_DIFF)
+    # data (fast-rcnn config.py: TRAIN.SCALES, MAX_SIZE, USE_FLIPPED)
     scales: list[int] = opt([600], DET_TRAIN, range="[1, 100000]")  # shorter side at train (one drawn per image)
     max_size: int = opt(1000, *_DET_BOTH, range="[1, 100000]")  # longer side at most (train and test)
     test_scale: int = opt(600, DET_TEST, range="[1, 100000]")
     flip: bool = opt(True, DET_TRAIN)
-    use_difficult: bool = opt(False, DET_TRAIN)  # difficult gt excluded from training (USE_DIFF False)
+    # difficult gt as training ground truth: the original fast-rcnn trains with them (its pascal_voc.py loads every
+    # object); excluding them is py-faster-rcnn's USE_DIFF=False. The VOC07 metric ignores them at test either way
+    use_difficult: bool = opt(True, DET_TRAIN)
     # proposals per image at train (0 = all in the store); --top overrides
     train_top: int = opt(2000, DET_TRAIN, range="[0, big]")
     # minibatch (paper Sec. 2.3)
@@ -250,6 +262,11 @@ class SweepConfig:
     # detector seeds: one Fast R-CNN per method and seed, the sweep reports mean and spread per N (empty: the
     # top-level seed alone). Each detector's own key holds its seed; this list says which detectors exist.
     seeds: list[int] = opt([], SWEEP, range="[0, 9.2e18]")
+    # the 're-train' protocol (Fast R-CNN §5.5, which the paper's Figure 5 follows: "re-train and evaluate ... with
+    # varying number of proposals"): for each N here, one more detector per method (and seed) trained with the top
+    # N proposals and tested with them; the 'fixed' protocol (train with detector.train_top, test at every
+    # sweep.counts) is always reported beside it. Empty: fixed only
+    retrain_counts: list[int] = opt([], SWEEP, range="[1, big]")
 
 
 @dataclass
@@ -464,9 +481,14 @@ def validate(cfg: Config) -> None:
     for key, mode in (("deepmask.lr_scaling", dm.lr_scaling), ("detector.lr_scaling", d.lr_scaling)):
         if mode not in ("none", "linear"):
             raise ConfigError(f"config key '{key}': expected none or linear, got {mode!r}")
-    if dm.scale_min > dm.scale_max:
-        raise ConfigError(f"config keys 'deepmask.scale_min' ({dm.scale_min}) > 'deepmask.scale_max' "
-                          f"({dm.scale_max})")
+    for key in ("object_range", "neg_object_range"):
+        lo_hi = getattr(dm, key)
+        if len(lo_hi) != 2 or lo_hi[0] > lo_hi[1]:
+            raise ConfigError(f"config key 'deepmask.{key}': expected [smallest, largest] object size in image "
+                              f"pixels, got {lo_hi}")
+    if dm.positive_sampling not in ("official", "category", "object"):
+        raise ConfigError(f"config key 'deepmask.positive_sampling': expected official, category or object, got "
+                          f"{dm.positive_sampling!r}")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -194,6 +194,12 @@ class ProposalStore:
             raise DataError(f"{f}: proposals of image '{image_id}' contain NaN or infinite values")
         return Proposals(boxes.astype(np.float32, copy=False), scores.astype(np.float32, copy=False), rles)
 
+    def set_info(self, info: dict) -> None:
+        """Record facts about how the proposals were made (e.g. DeepMask's covered object sizes) in meta.json's
+        'info'; not part of the store's identity."""
+        self.meta["info"] = dict(info)
+        write_json(self.path / "meta.json", self.meta)
+
     def fingerprint(self, top: int | None = None, image_ids=None) -> str:
         """SHA-1 of the top `top` boxes of every image (of `image_ids`, default all, in that order): what a
         detector trained on this store reads. Same boxes, same fingerprint, whatever the settings that made them
@@ -230,6 +236,8 @@ def merge_stores(shard_paths, out_path, image_ids: list[str] | None = None) -> P
         raise DataError(f"merge: {len(missing)} images are in no shard (first: {missing[0]})")
     out = ProposalStore.create(out_path, method=ref["method"], params=ref["params"], dataset=ref["dataset"],
                                split=ref["split"], image_ids=ids, has_masks=ref.get("has_masks", False))
+    if ref.get("info"):
+        out.set_info(ref["info"])
     for i in ids:
         dst = out._file(i)
         if not dst.exists():

@@ -81,7 +81,7 @@ DEFAULT_OVERRIDES = ["deepmask.seg_channels=128"]
 # --quick: a smoke run that finishes in seconds (tiny images, few proposals, small heads).
 QUICK_OVERRIDES = ["deepmask.top_n=50", "deepmask.seg_channels=16", "deepmask.lowrank_dim=32",
                    "deepmask.score_hidden=[32,32]", "deepmask.batch_size=4", "deepmask.max_image_side=256",
-                   "deepmask.scale_min=-1.0", "deepmask.scale_max=-0.5", "detector.scales=[128]",
+                   "deepmask.object_range=[181,256]", "detector.scales=[128]",
                    "detector.test_scale=128", "detector.max_size=192", "detector.fc_dim=128", "detector.batch_rois=16"]
 QUICK_SET = ("deepmask.small.per_scale", "deepmask.small.batched", "ss.skimage", "ss.opencv",
              "frcnn_test.small.top100", "frcnn_test.small.top2000", "train.deepmask.small", "train.frcnn.small",
@@ -856,8 +856,8 @@ def format_table(doc: dict) -> str:
              f"repeats {s['repeats']}, warm-up {s['warmup']}; isolation {s['isolation']}",
              f"load average at start {doc.get('load_avg_start')}, at end {doc.get('load_avg_end')}; "
              f"cpu: {doc['host'].get('cpu', '?')} x{doc['host'].get('cpus')}",
-             f"deepmask: top_n {dm.get('top_n')}, seg_channels {dm.get('seg_channels')}, scales 2^{dm.get('scale_min')}"
-             f"..2^{dm.get('scale_max')} step 2^{dm.get('scale_step')}, max_image_side {dm.get('max_image_side')}",
+             f"deepmask: top_n {dm.get('top_n')}, seg_channels {dm.get('seg_channels')}, objects {dm.get('object_range')} px"
+             f" step 2^{dm.get('scale_step')}, max_image_side {dm.get('max_image_side')}",
              ""]
     hdr = f"{'measurement':40s} {'unit':>9s} {'median':>9s} {'p10':>9s} {'p90':>9s} {'n':>4s} {'peak RSS':>9s} " \
           f"{'threads':>7s}"

@@ -50,9 +50,25 @@ class RunPaths:
         return self.root / (f"detector_{method}" if seed is None else f"detector_{method}_seed{seed}")
 
     def detectors(self, cfg: Config, method: str) -> list[tuple[int, Path]]:
-        """(seed, folder) of every detector of `method` the config trains: the top-level seed's is
-        ``detector_<method>`` (what pipelines.detect --run uses), the others ``detector_<method>_seed<k>``."""
+        """(seed, folder) of every detector of `method` the config trains with ``detector.train_top`` proposals
+        (the 'fixed' protocol): the top-level seed's is ``detector_<method>`` (what pipelines.detect --run uses),
+        the others ``detector_<method>_seed<k>``."""
         return [(s, self.detector(method, None if s == cfg.seed else s)) for s in cfg.detector_seeds]
+
+    def retrained(self, cfg: Config, method: str) -> list[tuple[int, int, Path]]:
+        """(N, seed, folder) of the detectors of the 're-train' protocol (Fast R-CNN §5.5: one detector trained and
+        tested with each N of ``sweep.retrain_counts``): ``detector_<method>_top<N>[_seed<k>]``. An N equal to
+        ``detector.train_top`` is the fixed protocol's detector itself."""
+        out = []
+        for n in retrain_counts(cfg):
+            for s, folder in self.detectors(cfg, method):
+                out.append((n, s, folder if n == cfg.detector.train_top else
+                            folder.with_name(folder.name.replace(f"detector_{method}", f"detector_{method}_top{n}"))))
+        return out
+
+
+def retrain_counts(cfg: Config) -> list[int]:
+    return sorted(set(cfg.sweep.retrain_counts))
 
 
 def split_identity(ds) -> dict:
@@ -62,8 +78,12 @@ def split_identity(ds) -> dict:
             "ids_sha1": hashlib.sha1(ids.encode()).hexdigest()[:16]}
 
 
-def detector_stage(method: str, seed: int, cfg: Config) -> str:
-    return f"train_detector_{method}" + ("" if seed == cfg.seed else f"_seed{seed}")
+def detector_stage(method: str, seed: int, cfg: Config, top: int | None = None) -> str:
+    """Stage name of a detector: train_detector_<method>[_top<N> (re-train protocol)][_seed<k>]."""
+    if top == cfg.detector.train_top:
+        top = None  # the fixed protocol's detector
+    return f"train_detector_{method}" + ("" if top is None else f"_top{top}") + ("" if seed == cfg.seed else
+                                                                                  f"_seed{seed}")
 
 
 def stage_keys(cfg: Config, train_split: dict, test_split: dict, train_proposals: dict | None = None
@@ -71,8 +91,8 @@ def stage_keys(cfg: Config, train_split: dict, test_split: dict, train_proposals
     """{stage name: {'key', 'resume_key'}} of every stage of the run, from the config fields' metadata (what each
     affects), the stages each reads, and the identities of the two splits (:func:`split_identity`). Pure: the
     same inputs give the same keys, on any machine. ``resume_key`` (trainings only) leaves out the fields a
-    training may resume across. ``train_proposals``: {method: fingerprint of the training proposals a detector
-    reads} once they exist (:meth:`ProposalStore.fingerprint`); a detector then depends on those boxes rather
+    training may resume across. ``train_proposals``: {(method, N or None): fingerprint of the training proposals a
+    detector trained with the top N (None: detector.train_top) reads} once they exist (:meth:`ProposalStore.fingerprint`); a detector then depends on those boxes rather
     than on the settings that made them, so an inference setting that leaves its top boxes as they were (a
     larger top_n) does not retrain it."""
     keys: dict[str, dict] = {}
@@ -90,14 +110,21 @@ def stage_keys(cfg: Config, train_split: dict, test_split: dict, train_proposals
                 deps["deepmask"] = keys["train_deepmask"]["key"]
             keys[f"proposals_{method}_{split}"] = {"key": section_hash(deps), "resume_key": None}
     for method in methods:
-        for seed in cfg.detector_seeds:
-            props = (train_proposals or {}).get(method) or keys[f"proposals_{method}_{cfg.data.train_split}"]["key"]
-            deps = {"proposals": props, "seed": seed,
-                    "split": train_split, "split_fields": values_for(cfg, TRAIN_SPLIT)}
-            train = {k: v for k, v in values_for(cfg, DET_TRAIN).items() if k != "seed"}
-            fixed = {k: v for k, v in values_for(cfg, DET_TRAIN, resumable=False).items() if k != "seed"}
-            keys[detector_stage(method, seed, cfg)] = {"key": section_hash({**deps, "detector": train}),
-                                                       "resume_key": section_hash({**deps, "detector": fixed})}
+        for top in [None] + retrain_counts(cfg):
+            for seed in cfg.detector_seeds:
+                name = detector_stage(method, seed, cfg, top)
+                if name in keys:
+                    continue  # a re-train N equal to detector.train_top: the fixed detector
+                props = (train_proposals or {}).get((method, top)) or \
+                    keys[f"proposals_{method}_{cfg.data.train_split}"]["key"]
+                deps = {"proposals": props, "seed": seed, "split": train_split,
+                        "split_fields": values_for(cfg, TRAIN_SPLIT)}
+                if top is not None and top != cfg.detector.train_top:
+                    deps["train_top"] = top
+                train = {k: v for k, v in values_for(cfg, DET_TRAIN).items() if k != "seed"}
+                fixed = {k: v for k, v in values_for(cfg, DET_TRAIN, resumable=False).items() if k != "seed"}
+                keys[name] = {"key": section_hash({**deps, "detector": train}),
+                              "resume_key": section_hash({**deps, "detector": fixed})}
     reads = {name: v["key"] for name, v in keys.items()
              if name.startswith("train_detector_") or name.endswith(f"_{cfg.data.test_split}")}
     keys["sweep"] = {"key": section_hash({"sweep": values_for(cfg, SWEEP), "test": values_for(cfg, DET_TEST),
@@ -249,17 +276,29 @@ def run_experiment(cfg: Config, progress: bool = True) -> dict:
     # 3. one Fast R-CNN per method and seed, keyed by the training proposals it reads
     from core.store import ProposalStore
 
-    top = cfg.detector.train_top or None
-    fingerprints = {m: ProposalStore.open(stores[m, train_ds.split]).fingerprint(top, train_ds.image_ids)
-                    for m in methods} if distributed.is_main() else None
+    fingerprints = None
+    if distributed.is_main():
+        fingerprints = {}
+        for m in methods:
+            store = ProposalStore.open(stores[m, train_ds.split])
+            for top in [None] + retrain_counts(cfg):
+                fingerprints[m, top] = store.fingerprint((cfg.detector.train_top if top is None else top) or None,
+                                                         train_ds.image_ids)
     keys = stage_keys(cfg, split_identity(train_ds), split_identity(test_ds), distributed.broadcast_object(fingerprints))
+    seen = set()
     for method in methods:
-        for seed, folder in paths.detectors(cfg, method):
-            k = keys[detector_stage(method, seed, cfg)]
-            stages.run(detector_stage(method, seed, cfg), k["key"],
-                       lambda m=method, s=seed, f=folder: _train_detector(
-                           dataclasses.replace(cfg, seed=s), stores[m, train_ds.split], train_ds, f, progress),
-                       outputs=folder, resume_key=k["resume_key"])
+        jobs = [(None, s, f) for s, f in paths.detectors(cfg, method)] + paths.retrained(cfg, method)
+        for top, seed, folder in jobs:
+            name = detector_stage(method, seed, cfg, top)
+            if name in seen:  # a re-train N equal to detector.train_top: the fixed detector, trained once
+                continue
+            seen.add(name)
+            k = keys[name]
+            run_cfg = dataclasses.replace(cfg, seed=seed)
+            if top is not None:
+                run_cfg = dataclasses.replace(run_cfg, detector=dataclasses.replace(cfg.detector, train_top=top))
+            stages.run(name, k["key"], lambda c=run_cfg, m=method, f=folder: _train_detector(
+                c, stores[m, train_ds.split], train_ds, f, progress), outputs=folder, resume_key=k["resume_key"])
 
     # 4. the sweep, plots and the summary
     from pipelines.sweep import run_sweep

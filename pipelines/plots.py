@@ -30,10 +30,22 @@ def plot_figure5(rows: list[dict], path, title: str = "Fast R-CNN mAP vs number 
     """rows: [{'method', 'N', 'mAP', optional 'mAP_std', 'mAP_per_seed'}]; mAP in [0, 1], plotted in percent on
     a log-N axis; with several detector seeds, the mean with +-1 std error bars and each seed's value as a dot."""
     fig, ax = plt.subplots(figsize=(5.2, 3.8))
-    for method in sorted({r["method"] for r in rows}):
-        rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["N"])
+    for method in sorted({r["method"] for r in rows if r.get("protocol") == "retrain"}):
+        rs = sorted((r for r in rows if r["method"] == method and r.get("protocol") == "retrain"),
+                    key=lambda r: r["N"])
         n_seeds = max(len(r.get("mAP_per_seed", [0])) for r in rs)
-        label = LABELS.get(method, method) + (f" (mean \u00b1 std, {n_seeds} seeds)" if n_seeds > 1 else "")
+        ax.errorbar([r["N"] for r in rs], [100 * r["mAP"] for r in rs],
+                    yerr=[100 * r.get("mAP_std", 0.0) for r in rs] if n_seeds > 1 else None, fmt="s", ms=8,
+                    mfc="none", capsize=3, color=COLORS.get(method),
+                    label=f"{LABELS.get(method, method)}, re-trained at N")
+    for method in sorted({r["method"] for r in rows}):
+        rs = sorted((r for r in rows if r["method"] == method and r.get("protocol", "fixed") == "fixed"),
+                    key=lambda r: r["N"])
+        if not rs:
+            continue
+        n_seeds = max(len(r.get("mAP_per_seed", [0])) for r in rs)
+        label = LABELS.get(method, method) + f", trained at {_top(rs[0].get('train_N', 0))}" + (
+            f" (mean \u00b1 std, {n_seeds} seeds)" if n_seeds > 1 else "")
         ax.errorbar([r["N"] for r in rs], [100 * r["mAP"] for r in rs],
                     yerr=[100 * r.get("mAP_std", 0.0) for r in rs] if n_seeds > 1 else None, fmt="o-", capsize=3,
                     label=label, color=COLORS.get(method))
@@ -50,8 +62,12 @@ def plot_figure5(rows: list[dict], path, title: str = "Fast R-CNN mAP vs number 
     ax.set_ylabel("mAP (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     _save(fig, path)
+
+
+def _top(n: int) -> str:
+    return "all" if not n else str(n)
 
 
 def plot_recall(curves: dict, path, title: str = "Average recall vs number of proposals") -> None:

@@ -97,9 +97,20 @@ def run_sweep(run, cfg: Config | None = None, counts: list[int] | None = None, p
             res = test_detector(ckpt, store, test_ds, tops=counts, out_dir=run / "results" / folder.name.removeprefix("detector_"),
                                 cfg=cfg, progress=progress)
             for n in counts:
-                r = res[n]
-                seed_rows.append({"method": method, "N": int(n), "seed": int(seed), "mAP": round(float(r["mAP"]), 5),
-                                  "ap": {k: round(float(v), 5) for k, v in r["ap"].items()}})
+                seed_rows.append(_row(method, n, seed, res[n], "fixed", cfg.detector.train_top))
+        for n, seed, folder in RunPaths(run).retrained(cfg, method):
+            same = [r for r in seed_rows if (r["method"], r["N"], r["seed"], r["protocol"]) == (method, n, seed, "fixed")]
+            if folder.name == RunPaths(run).detector(method, None if seed == cfg.seed else seed).name and same:
+                seed_rows.append({**same[0], "protocol": "retrain"})  # N = detector.train_top: the fixed detector
+                continue
+            ckpt = folder / "final.pt"
+            if not ckpt.exists():
+                raise DataError(f"{ckpt}: missing re-trained detector (top {n}, seed {seed}) of method '{method}' "
+                                "(run `python -m pipelines.run` first)")
+            log.info("sweep: %s detector re-trained with top %d (seed %d), tested with top %d", method, n, seed, n)
+            res = test_detector(ckpt, store, test_ds, tops=[n], out_dir=run / "results" /
+                                folder.name.removeprefix("detector_"), cfg=cfg, progress=progress)
+            seed_rows.append(_row(method, n, seed, res[n], "retrain", n))
     rows = aggregate_seeds(seed_rows)
 
     from core import distributed
@@ -120,19 +131,27 @@ def run_sweep(run, cfg: Config | None = None, counts: list[int] | None = None, p
     return summary
 
 
+def _row(method: str, n: int, seed: int, res: dict, protocol: str, train_n: int) -> dict:
+    return {"method": method, "N": int(n), "seed": int(seed), "protocol": protocol, "train_N": int(train_n),
+            "mAP": round(float(res["mAP"]), 5), "ap": {k: round(float(v), 5) for k, v in res["ap"].items()}}
+
+
 def aggregate_seeds(seed_rows: list[dict]) -> list[dict]:
-    """One row per (method, N): mAP and per-class AP averaged over the detector seeds, with the spread (sample
-    standard deviation, 0 for one seed), min, max and the per-seed values."""
+    """One row per (method, protocol, N): mAP and per-class AP averaged over the detector seeds, with the spread
+    (sample standard deviation, 0 for one seed), min, max and the per-seed values. ``protocol``: 'fixed' (one
+    detector trained with detector.train_top proposals, tested at every N) or 'retrain' (a detector trained and
+    tested with N); ``train_N``: the number of proposals its detector was trained with (0: all)."""
     import numpy as np
 
     groups: dict = {}
     for r in seed_rows:
-        groups.setdefault((r["method"], r["N"]), []).append(r)
+        groups.setdefault((r["method"], r.get("protocol", "fixed"), r["N"]), []).append(r)
     rows = []
-    for (method, n), rs in groups.items():
+    for (method, protocol, n), rs in groups.items():
         m = np.array([r["mAP"] for r in rs], dtype=np.float64)
         classes = sorted({c for r in rs for c in r["ap"]})
-        rows.append({"method": method, "N": n, "mAP": round(float(m.mean()), 5),
+        rows.append({"method": method, "N": n, "protocol": protocol, "train_N": rs[0].get("train_N", 0),
+                     "mAP": round(float(m.mean()), 5),
                      "mAP_std": round(float(m.std(ddof=1)) if len(m) > 1 else 0.0, 5),
                      "mAP_min": round(float(m.min()), 5), "mAP_max": round(float(m.max()), 5),
                      "seeds": [r["seed"] for r in rs], "mAP_per_seed": [r["mAP"] for r in rs],
@@ -145,20 +164,22 @@ def _write_csv(path, rows, seed_rows) -> None:
     classes = sorted({c for r in seed_rows for c in r["ap"]})
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["method", "N", "seed", "mAP", "mAP_std"] + classes)
+    w.writerow(["method", "protocol", "train_N", "N", "seed", "mAP", "mAP_std"] + classes)
     for r in seed_rows:
-        w.writerow([r["method"], r["N"], r["seed"], f"{r['mAP']:.4f}", ""] +
+        w.writerow([r["method"], r["protocol"], r["train_N"], r["N"], r["seed"], f"{r['mAP']:.4f}", ""] +
                    [f"{r['ap'].get(c, float('nan')):.4f}" for c in classes])
     for r in rows:
-        w.writerow([r["method"], r["N"], "mean", f"{r['mAP']:.4f}", f"{r['mAP_std']:.4f}"] +
-                   [f"{r['ap'].get(c, float('nan')):.4f}" for c in classes])
+        w.writerow([r["method"], r["protocol"], r["train_N"], r["N"], "mean", f"{r['mAP']:.4f}",
+                    f"{r['mAP_std']:.4f}"] + [f"{r['ap'].get(c, float('nan')):.4f}" for c in classes])
     atomic_write_text(path, buf.getvalue())
 
 
 def format_summary(summary: dict) -> str:
     counts = summary["counts"]
     methods = sorted({r["method"] for r in summary["rows"]})
-    by = {(r["method"], r["N"]): r for r in summary["rows"]}
+    by = {(r["method"], r["N"]): r for r in summary["rows"] if r.get("protocol", "fixed") == "fixed"}
+    retrained = sorted((r for r in summary["rows"] if r.get("protocol") == "retrain"),
+                       key=lambda r: (r["method"], r["N"]))
     seeds = summary.get("seeds") or [0]
     spread = len(seeds) > 1
     w = 12 if spread else 8
@@ -172,6 +193,11 @@ def format_summary(summary: dict) -> str:
             cells.append(f"{100 * r['mAP']:.1f}\u00b1{100 * r.get('mAP_std', 0):.1f}" if spread else
                          f"{100 * r['mAP']:.1f}")
         lines.append(f"{LABEL.get(m, m):<18}" + "".join(f"{c:>{w}}" for c in cells))
+    if retrained:
+        lines.append("re-trained at N (a detector trained and tested with the top N):")
+        for r in retrained:
+            val = f"{100 * r['mAP']:.1f}" + (f"\u00b1{100 * r['mAP_std']:.1f}" if spread else "")
+            lines.append(f"  {LABEL.get(r['method'], r['method']):<16}N = {r['N']:<6}{val:>12}")
     lines.append("")
     lines.append("Proposal recall on the test split (COCO-style AR, IoU .5:.95)")
     keys = sorted({k for v in summary["recall"].values() for k in v})

@@ -32,7 +32,8 @@ def rank_scores(n: int, top_n: int) -> np.ndarray:
 
 
 class SelectiveSearchProposer:
-    """`selective_search` with the `cfg.ss` settings, capped at `cfg.ss.top_n`, scores from `rank_scores`."""
+    """`selective_search` with the `cfg.ss` settings, capped at `cfg.ss.top_n` (0: uncapped), scores from
+    `rank_scores`."""
 
     has_masks = False
 
@@ -44,8 +45,8 @@ class SelectiveSearchProposer:
                               f"{', '.join(BACKENDS)})")
         if ss.mode not in MODES:
             raise ConfigError(f"config key 'ss.mode': unknown mode {ss.mode!r} (choose one of {', '.join(MODES)})")
-        if ss.top_n < 1:
-            raise ConfigError(f"config key 'ss.top_n': must be >= 1, got {ss.top_n}")
+        if ss.top_n < 0:
+            raise ConfigError(f"config key 'ss.top_n': must be >= 0 (0 = every box), got {ss.top_n}")
         if ss.min_box < 0:
             raise ConfigError(f"config key 'ss.min_box': must be >= 0, got {ss.min_box}")
         if ss.backend == "opencv":  # fail now, not on the first image in a worker
@@ -63,7 +64,7 @@ class SelectiveSearchProposer:
 
         ss = self.ss
         boxes = selective_search(image, mode=ss.mode, seed=ss.seed, min_box=ss.min_box, backend=ss.backend)
-        boxes = boxes[: ss.top_n]
+        boxes = boxes[: ss.top_n or None]  # 0: every box, as Fast R-CNN used them (about 2k per VOC image)
         return boxes, rank_scores(len(boxes), ss.top_n), None
 
 

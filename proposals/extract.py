@@ -181,11 +181,12 @@ def extract_proposals(cfg, method: str, dataset, out, *, checkpoint: str | None 
     if distributed.init() and not _IN_SHARD[0]:
         return _extract_sharded(cfg, method, dataset, out, checkpoint, workers, ids, progress)
     proposer_factory = functools.partial(build_proposer, method, cfg, checkpoint)
-    if workers > 1:  # check the settings once here, before starting workers
-        proposer_factory()
+    info = getattr(proposer_factory(), "info", None)  # checks the settings once here, before any worker starts
     store = ProposalStore.create(out, method=method, params=proposer_params(method, cfg, checkpoint),
                                  dataset=dataset.name, split=dataset.split, image_ids=ids,
                                  has_masks=method_has_masks(method))
+    if info:
+        store.set_info(info)
     save_config(cfg, Path(out) / "config.yaml")
     run_extraction(dataset, proposer_factory, store, workers=workers, progress=progress)
     store.finalize()

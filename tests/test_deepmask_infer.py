@@ -19,7 +19,7 @@ from proposals.deepmask.model import build_deepmask, upsample_masks
 torch.set_num_threads(1)
 
 TINY = dict(trunk="small", patch_size=64, object_size=32, mask_size=8, seg_channels=8, lowrank_dim=8,
-            score_hidden=[8, 8], scale_min=-1.0, scale_max=0.0, scale_step=0.5, top_n=20, chunk=7)
+            score_hidden=[8, 8], object_range=[32.0, 64.0], scale_step=0.5, top_n=20, chunk=7)
 
 
 def _dm(**kw):
@@ -45,7 +45,7 @@ def test_dense_pass_equals_patch_model_at_matching_location():
     """The proposer's score map at (u, v) equals the patch model's score on the features of the patch whose corner
     is at (16v, 16u) of the padded scaled image, and the mask it pastes is that patch's upsampled mask."""
     model = _model()
-    prop = DeepMaskProposer(model, _dm(scale_min=0.0, scale_max=0.0, mask_threshold=0.5), "cpu")
+    prop = DeepMaskProposer(model, _dm(object_range=[32.0, 32.0], mask_threshold=0.5), "cpu")
     img = _image()
     (ex, ey, smap, seg), = prop._score_all(img)
     scaled, _, _, (hc, wc) = prop._canvas(img, 1.0)
@@ -79,7 +79,7 @@ def test_candidate_geometry_with_all_positive_masks():
     """With a threshold that makes every mask pixel positive, each proposal is its patch footprint clipped to the
     image: this pins the position / scale bookkeeping (the official code's off-by-one pitfall)."""
     model = _model()
-    prop = DeepMaskProposer(model, _dm(scale_min=-1.0, scale_max=-1.0, mask_threshold=1e-6, top_n=1000), "cpu")
+    prop = DeepMaskProposer(model, _dm(object_range=[64.0, 64.0], mask_threshold=1e-6, top_n=1000), "cpu")
     img = _image(70, 100)
     boxes, scores, rles = prop(img)
     (ex, ey, smap, _), = prop._score_all(img)
@@ -238,3 +238,24 @@ def test_bfloat16_inference_is_close_to_float32(batched):
     np.testing.assert_array_equal(masks_to_boxes(decode_rles(rles)), boxes)
     with pytest.raises(ConfigError, match="deepmask.infer_dtype"):
         DeepMaskProposer(model, _dm(infer_dtype="int8"), "cpu")
+
+
+def test_inference_scales_cover_the_object_range_whatever_the_object_size():
+    """Scales are derived from object_range (image px) and object_size: the paper's 64..512 px at object_size 128
+    are exactly 2^-2 .. 2^1; a 92-px object size keeps covering 64..512 (more, never less), one step apart."""
+    import math
+
+    from core.config import DeepMaskConfig
+    from proposals.deepmask.infer import covered_object_range, scale_exponents
+
+    assert scale_exponents(128, [64, 512], 0.5) == [-2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0]
+    for obj in (128, 92, 64, 40):
+        for rng_px in ([64, 512], [46, 520], [22.63, 256]):
+            dm = DeepMaskConfig(object_size=obj, object_range=list(rng_px))
+            lo, hi = covered_object_range(dm)
+            assert lo <= rng_px[0] * 1.01 and hi >= rng_px[1] * 0.99
+            assert lo > rng_px[0] / 2 ** 0.5  # not more than one step beyond
+            exps = [math.log2(s) for s in inference_scales(dm)]
+            assert all(abs(b - a - 0.5) < 1e-9 for a, b in zip(exps, exps[1:]))
+    zoom = inference_scales(DeepMaskConfig(zoom=True))
+    assert len(zoom) == 8 and math.log2(max(zoom)) == pytest.approx(1.5)  # DeepMaskZoom: one larger scale

@@ -223,3 +223,52 @@ def test_split_holdout_is_deterministic(records):
     a, b = split_holdout(records, 0.34, 0)
     a2, b2 = split_holdout(records, 0.34, 0)
     assert [r.image_id for r in b] == [r.image_id for r in b2] and len(b) == 1 and len(a) == 2
+
+
+# ------------------------------------------------------------------ which object a positive is (official sampler)
+def _records_two_classes():
+    """Image 0: one object of class 0; images 1-3: three objects of class 1 each (9 in all)."""
+    from core.datasets import Record
+
+    def rec(i, labels):
+        n = len(labels)
+        boxes = np.array([[10 + 30 * k, 10, 30 + 30 * k, 40] for k in range(n)], np.float32)
+        return Record(str(i), f"{i}.png", 200, 100, boxes, np.array(labels, np.int64), np.zeros(n, bool),
+                      segmentations=[[[0, 0, 1, 0, 1, 1]]] * n)
+
+    return [rec(0, [0]), rec(1, [1, 1, 1]), rec(2, [1, 1, 1]), rec(3, [1, 1, 1])]
+
+
+@pytest.mark.parametrize("mode, kind, share_of_class0", [
+    ("object", "mask", 1 / 10),  # uniform over the 10 objects
+    ("category", "mask", 1 / 2),  # a category uniformly, then one of its instances
+    ("category", "score", 1 / 2),
+    ("official", "mask", 1 / 2),  # official mask batches: category then instance
+    ("official", "score", 1 / 4),  # official score batches: an image uniformly (4 images), then one of its objects
+])
+def test_positive_sampling_frequencies(mode, kind, share_of_class0):
+    s = PatchSampler(_records_two_classes(), _params(positive_sampling=mode), seed=0)
+    rng = np.random.default_rng(0)
+    draws = [s.draw_positive(rng, kind) for _ in range(8000)]
+    share = np.mean([ri == 0 for ri, _ in draws])
+    assert abs(share - share_of_class0) < 0.02, share
+    # within class 1, every instance equally often
+    counts = np.bincount([3 * (ri - 1) + j for ri, j in draws if ri > 0], minlength=9)
+    assert counts.min() > 0.8 * counts.mean()
+
+
+def test_negative_scales_follow_the_object_range_in_image_pixels():
+    """The scales negatives are drawn at come from neg_object_range (image px) and object_size: a smaller patch /
+    object size keeps the object sizes, not the scale exponents."""
+    import math
+
+    from core.config import DeepMaskConfig
+
+    for obj, patch in ((128, 224), (92, 160), (64, 128)):
+        dm = DeepMaskConfig(object_size=obj, patch_size=patch)
+        p = SamplerParams.from_config(dm, (0.0, 0.0, 0.0))
+        assert obj / 2 ** p.neg_scale_max == pytest.approx(dm.neg_object_range[0], rel=1e-6)
+        assert obj / 2 ** p.neg_scale_min == pytest.approx(dm.neg_object_range[1], rel=1e-6)
+    p = SamplerParams.from_config(DeepMaskConfig(), (0.0, 0.0, 0.0))  # the paper's: 2^-2.5 .. 2^1.5 at 128
+    assert (p.neg_scale_min, p.neg_scale_max) == (pytest.approx(-2.5, abs=1e-6), pytest.approx(1.5, abs=1e-6))
+    assert math.isclose(p.neg_scale_max - p.neg_scale_min, 4.0, abs_tol=1e-6)

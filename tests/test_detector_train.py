@@ -215,3 +215,21 @@ def test_entry_point_trains_on_the_first_train_images(shapes, tmp_path):
               "--split", "trainval", "--out", str(tmp_path / "det_all"), "--no-progress",
               *sum([["--set", s] for s in SMALL_DET + ["detector.iters=2"]], [])])
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error:")
+
+
+def test_difficult_boxes_are_ground_truth_as_in_fast_rcnn_unless_excluded(shapes):
+    """detector.use_difficult: true (the default, the original fast-rcnn, whose pascal_voc.py loads every object)
+    trains with difficult boxes; false drops them (py-faster-rcnn's USE_DIFF=False)."""
+    from core.config import DetectorConfig
+
+    assert DetectorConfig().use_difficult is True
+    ds = shapes["train"]
+    n_all = sum(len(r.boxes) for r in ds)
+    n_diff = sum(int(np.asarray(r.difficult, bool).sum()) for r in ds)
+    assert n_diff > 0  # the synthetic set marks tiny / mostly hidden objects difficult
+    with_diff = TrainEntries(ds, use_difficult=True)
+    without = TrainEntries(ds, use_difficult=False)
+    assert sum(len(b) for _, _, b, _ in with_diff.items) == n_all
+    assert sum(len(b) for _, _, b, _ in without.items) == n_all - n_diff
+    paper = load_config(str(Path(__file__).resolve().parents[1] / "configs/voc07_paper.yaml"))
+    assert paper.detector.use_difficult and paper.ss.top_n == 0 and paper.detector.train_top == 0

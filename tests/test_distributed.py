@@ -35,7 +35,7 @@ DM = {"deepmask.trunk": "small", "deepmask.pretrained": "", "deepmask.patch_size
       "deepmask.batch_size": 4, "deepmask.pos_shift": 4, "deepmask.neg_shift": 8, "deepmask.workers": 0,
       "deepmask.val_batches": 1, "deepmask.val_every": 2, "deepmask.checkpoint_every": 2, "deepmask.iters": 4,
       "deepmask.val_fraction": 0.34, "deepmask.lr": 0.01, "deepmask.min_area": 20, "deepmask.lr_scaling": "linear",
-      "deepmask.scale_min": -1, "deepmask.scale_max": 0, "deepmask.top_n": 30}
+      "deepmask.object_range": "[24, 48]", "deepmask.top_n": 30}
 DET = {"detector.trunk": "small", "detector.pretrained": "", "detector.fc_dim": 32, "detector.scales": "[64]",
        "detector.test_scale": 64, "detector.max_size": 96, "detector.workers": 0, "detector.log_every": 1,
        "detector.lr": 0.01, "detector.train_top": 0, "detector.iters": 4, "detector.checkpoint_every": 2,

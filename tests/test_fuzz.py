@@ -294,8 +294,8 @@ def t_yaml_train_det(w: World, fz: Fuzz, d: Path):
 def t_yaml_train_dm(w: World, fz: Fuzz, d: Path):
     base = {"deepmask": dict(SMALL_DM, train_sets=[dict(w.coco)])}
     keys = [["deepmask", k] for k in SMALL_DM] + [["deepmask", k] for k in (
-        "head", "dropout", "categories", "train_sets", "val_sets", "pos_scale", "flip", "neg_scale", "neg_scale_min",
-        "neg_scale_max", "min_side", "pad_color", "batch_mode", "lr", "momentum", "lr_steps", "gamma",
+        "head", "dropout", "categories", "train_sets", "val_sets", "pos_scale", "flip", "neg_scale", "neg_object_range",
+        "positive_sampling", "min_side", "pad_color", "batch_mode", "lr", "momentum", "lr_steps", "gamma",
         "score_weight", "mask_threshold")] * 2 + [["seed"], ["device"]]
     (d / "c.yaml").write_text(fz.yaml(base, keys))
     pins = sum((["--set", f"deepmask.{p}"] for p in PIN_DM), [])

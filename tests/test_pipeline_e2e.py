@@ -17,10 +17,11 @@ TINY = [  # the machinery, not the accuracy: tiny data, random-init small trunks
     "deepmask.trunk=small", "deepmask.pretrained=", "detector.trunk=small", "detector.pretrained=",
     "data.synthetic_trainval=6", "data.synthetic_test=4", "data.synthetic_size=128",
     "deepmask.iters=4", "deepmask.batch_size=8", "deepmask.val_every=2", "deepmask.val_batches=1",
-    "deepmask.checkpoint_every=2", "deepmask.workers=0", "deepmask.top_n=150", "deepmask.scale_min=-1",
+    "deepmask.checkpoint_every=2", "deepmask.workers=0", "deepmask.top_n=150", "deepmask.object_range=[22.63,128]",
     "ss.workers=1", "ss.top_n=150",
     "detector.iters=4", "detector.checkpoint_every=2", "detector.lr_steps=[3]", "detector.workers=0",
     "detector.scales=[128]", "detector.test_scale=128", "sweep.counts=[10,100]", "sweep.seeds=[0,1]",
+    "sweep.retrain_counts=[10]",
 ]
 
 
@@ -52,7 +53,15 @@ def test_artefacts_are_well_formed(run_dir):
         im = Image.open(run / name)
         assert im.size[0] > 300 and im.size[1] > 200
     summary = json.loads((run / "sweep.json").read_text())
-    rows = summary["rows"]
+    rows = [r for r in summary["rows"] if r["protocol"] == "fixed"]
+    # the re-train protocol: one detector per method and seed trained with the top 10, tested with the top 10
+    retrained = [r for r in summary["rows"] if r["protocol"] == "retrain"]
+    assert {(r["method"], r["N"], r["train_N"]) for r in retrained} == {(m, 10, 10) for m in ("deepmask",
+                                                                                              "selective_search")}
+    for m in ("deepmask", "selective_search"):
+        for d in (f"detector_{m}_top10", f"detector_{m}_top10_seed1"):
+            assert (run / d / "final.pt").is_file()
+    assert all(r["train_N"] == 2000 for r in rows)
     assert {(r["method"], r["N"]) for r in rows} == {(m, n) for m in ("deepmask", "selective_search")
                                                     for n in (10, 100)}
     for r in rows:
@@ -61,16 +70,17 @@ def test_artefacts_are_well_formed(run_dir):
         present = [v for v in r["ap"].values()]
         assert all(0.0 <= v <= 1.0 for v in present)
     # two detector seeds per method: per-seed rows, and mean +- spread per (method, N)
-    assert summary["seeds"] == [0, 1] and len(summary["seed_rows"]) == 8
+    assert summary["seeds"] == [0, 1] and len(summary["seed_rows"]) == 8 + 4
     for r in rows:
-        per = [s["mAP"] for s in summary["seed_rows"] if s["method"] == r["method"] and s["N"] == r["N"]]
+        per = [s["mAP"] for s in summary["seed_rows"]
+               if (s["method"], s["N"], s["protocol"]) == (r["method"], r["N"], "fixed")]
         assert r["mAP_per_seed"] == per and abs(r["mAP"] - float(np.mean(per))) < 1e-4
         assert abs(r["mAP_std"] - float(np.std(per, ddof=1))) < 1e-4 and r["mAP_min"] == min(per)
     for m in ("deepmask", "selective_search"):
         assert (run / f"detector_{m}_seed1" / "final.pt").is_file()
     with open(run / "sweep.csv") as f:
         csv_rows = list(csv.DictReader(f))
-    assert len(csv_rows) == 12 and {r["method"] for r in csv_rows} == {"deepmask", "selective_search"}
+    assert len(csv_rows) == 12 + 6 and {r["method"] for r in csv_rows} == {"deepmask", "selective_search"}
     assert sorted({r["seed"] for r in csv_rows}) == ["0", "1", "mean"]
     assert all(r["mAP_std"] != "" for r in csv_rows if r["seed"] == "mean")
     recall = json.loads((run / "recall.json").read_text())
@@ -88,6 +98,8 @@ def test_artefacts_are_well_formed(run_dir):
 
     dm = ProposalStore.open(run / "proposals" / "deepmask_test")
     assert dm.has_masks and len(dm.image_ids) == 4
+    # the object sizes the inference scales covered, in image px (object_range [22.63, 128] at object_size 64)
+    assert dm.meta["info"]["object_range_px"] == [22.6, 128.0] and len(dm.meta["info"]["scales_log2"]) == 6
     p = dm.get(dm.image_ids[0])
     assert len(p) > 0 and np.all(np.diff(p.scores) <= 1e-6)
     ss = ProposalStore.open(run / "proposals" / "selective_search_trainval")
@@ -97,7 +109,7 @@ def test_artefacts_are_well_formed(run_dir):
 
 def test_second_run_skips_every_stage(run_dir):
     _, _, p2, first, second = run_dir
-    assert p2.stderr.count("skipped (done for this config)") == 10, p2.stderr[-2000:]  # 1 + 4 + 2x2 + 1
+    assert p2.stderr.count("skipped (done for this config)") == 14, p2.stderr[-2000:]  # 1 + 4 + 2x2x2 + 1
     assert "running" not in p2.stderr
     assert second < first
 

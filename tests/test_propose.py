@@ -143,7 +143,7 @@ def test_deepmask_store_identity_is_checkpoint_and_inference_settings():
     for key, value in same:
         other = dataclasses.replace(cfg, deepmask=dataclasses.replace(cfg.deepmask, **{key: value}))
         assert proposer_params("deepmask", other, "ck.pt") == base, key
-    for key, value in [("mask_threshold", 0.35), ("top_n", 5), ("scale_max", 0.5), ("infer_dtype", "bfloat16")]:
+    for key, value in [("mask_threshold", 0.35), ("top_n", 5), ("object_range", [40.0, 300.0]), ("infer_dtype", "bfloat16")]:
         other = dataclasses.replace(cfg, deepmask=dataclasses.replace(cfg.deepmask, **{key: value}))
         assert proposer_params("deepmask", other, "ck.pt") != base, key
     assert proposer_params("deepmask", cfg, "other.pt") != base

@@ -19,24 +19,24 @@ TRAIN_ID = {"dataset": "voc:/x", "split": "trainval", "images": 3, "ids_sha1": "
 TEST_ID = {"dataset": "voc:/x", "split": "test", "images": 2, "ids_sha1": "b"}
 
 
-def _expected(tags: tuple) -> set[str]:
-    """The pipeline's dependency graph, written out by hand: which stages a field tagged `tags` must rerun
-    (each stage reruns the stages that read it: DeepMask -> its proposals -> its detector -> the sweep)."""
+def _expected(tags: tuple, stages) -> set[str]:
+    """The pipeline's dependency graph, written out by hand: which of `stages` a field tagged `tags` must rerun
+    (each stage reruns the stages that read it: DeepMask -> its proposals -> its detectors -> the sweep)."""
     out = set()
     for m in METHODS:
         for split in ("TRAIN", "TEST"):
-            prop = {f"proposals_{m}_{split}"}
             if TAG_OF_METHOD[m] in tags or (m == "deepmask" and DM_TRAIN in tags) or \
                     (TRAIN_SPLIT in tags and split == "TRAIN") or (TEST_SPLIT in tags and split == "TEST"):
-                out |= prop
-                out |= {f"train_detector_{m}"} if split == "TRAIN" else set()
+                out.add(f"proposals_{m}_{split}")
+                if split == "TRAIN":  # every detector of the method: fixed, re-trained at N, every seed
+                    out |= {s for s in stages if s.startswith(f"train_detector_{m}")}
         if DET_TRAIN in tags:
-            out.add(f"train_detector_{m}")
+            out |= {s for s in stages if s.startswith(f"train_detector_{m}")}
     if DM_TRAIN in tags:
         out.add("train_deepmask")
     if out or DET_TEST in tags or SWEEP in tags:
         out.add("sweep")
-    return out
+    return out & set(stages)
 
 
 def _roles(keys: dict, cfg) -> dict:
@@ -86,7 +86,8 @@ def _types():
 
 
 TYPES = _types()
-BASE = dataclasses.replace(Config(), sweep=dataclasses.replace(Config().sweep, methods=list(METHODS)))
+BASE = dataclasses.replace(Config(), sweep=dataclasses.replace(Config().sweep, methods=list(METHODS), seeds=[0, 1],
+                                                                retrain_counts=[100, 2000]))
 
 
 def test_every_field_declares_what_it_affects():
@@ -104,7 +105,7 @@ def test_changing_a_field_reruns_exactly_the_stages_it_affects(key):
     b = _roles(stage_keys(changed, TRAIN_ID, TEST_ID), changed)
     common = set(a) & set(b)  # sweep.methods / sweep.seeds change which stages exist
     rerun = {s for s in common if a[s] != b[s]}
-    expected = _expected(field_info(key)["affects"]) & common
+    expected = _expected(field_info(key)["affects"], common)
     assert rerun == expected, f"{key}: reruns {sorted(rerun)}, its metadata says {sorted(expected)}"
 
 
@@ -114,7 +115,23 @@ def test_the_image_ids_of_a_split_are_part_of_the_keys():
     assert {s for s in a if a[s] != b[s]} == {f"proposals_{m}_test" for m in METHODS} | {"sweep"}
     c = stage_keys(BASE, {**TRAIN_ID, "images": 2, "ids_sha1": "d"}, TEST_ID)
     assert {s for s in a if a[s] != c[s]} == ({f"proposals_{m}_trainval" for m in METHODS} |
-                                               {f"train_detector_{m}" for m in METHODS} | {"sweep"})
+                                               {s for s in a if s.startswith("train_detector_")} | {"sweep"})
+
+
+def test_retrain_protocol_detectors_are_stages_of_their_own():
+    """One detector per (method, N, seed) of sweep.retrain_counts; N = detector.train_top is the fixed detector."""
+    keys = stage_keys(BASE, TRAIN_ID, TEST_ID)
+    for m in METHODS:
+        assert {n for n in keys if n.startswith(f"train_detector_{m}")} == {
+            f"train_detector_{m}", f"train_detector_{m}_seed1", f"train_detector_{m}_top100",
+            f"train_detector_{m}_top100_seed1"}  # top2000 = detector.train_top: the fixed detectors
+        assert keys[f"train_detector_{m}_top100"]["key"] != keys[f"train_detector_{m}"]["key"]
+    from pipelines.experiment import RunPaths
+
+    jobs = RunPaths(Path("r")).retrained(BASE, "deepmask")
+    assert [(n, s, f.name) for n, s, f in jobs] == [
+        (100, 0, "detector_deepmask_top100"), (100, 1, "detector_deepmask_top100_seed1"),
+        (2000, 0, "detector_deepmask"), (2000, 1, "detector_deepmask_seed1")]
 
 
 def test_detector_seeds_are_stages_of_their_own():
@@ -123,7 +140,8 @@ def test_detector_seeds_are_stages_of_their_own():
     for m in METHODS:
         names = [f"train_detector_{m}", f"train_detector_{m}_seed1", f"train_detector_{m}_seed2"]
         assert len({keys[n]["key"] for n in names}) == 3
-    assert keys["train_detector_deepmask"] == stage_keys(BASE, TRAIN_ID, TEST_ID)["train_detector_deepmask"]
+    # adding a seed leaves the detectors of the others as they were
+    assert keys["train_detector_deepmask_seed1"] == stage_keys(BASE, TRAIN_ID, TEST_ID)["train_detector_deepmask_seed1"]
 
 
 def test_resumable_fields_keep_the_resume_key():
@@ -142,7 +160,7 @@ TINY = [
     "deepmask.trunk=small", "deepmask.pretrained=", "detector.trunk=small", "detector.pretrained=",
     "data.synthetic_trainval=6", "data.synthetic_test=4", "data.synthetic_size=128",
     "deepmask.iters=2", "deepmask.batch_size=8", "deepmask.val_every=2", "deepmask.val_batches=1",
-    "deepmask.checkpoint_every=2", "deepmask.workers=0", "deepmask.top_n=60", "deepmask.scale_min=-1",
+    "deepmask.checkpoint_every=2", "deepmask.workers=0", "deepmask.top_n=60", "deepmask.object_range=[22.63,128]",
     "ss.workers=1", "ss.top_n=60", "detector.iters=2", "detector.checkpoint_every=2", "detector.lr_steps=[1]",
     "detector.workers=0", "detector.scales=[128]", "detector.test_scale=128", "detector.train_top=40",
     "sweep.counts=[10,50]",

@@ -1,7 +1,7 @@
 """DeepMask full-scene inference (paper §3.3, §3.4).
 
-For every scale 2^scale_min .. 2^scale_max in steps of 2^scale_step (2^-2 .. 2^1 by 2^(1/2); DeepMaskZoom adds
-2^(scale_max + scale_step)), the image is resized, padded, and run through the trunk ONCE; the heads are applied
+For every image scale covering the configured object sizes (``object_range``, image px: the paper's 64..512 px
+objects at object_size 128 are the scales 2^-2 .. 2^1 by 2^(1/2); DeepMaskZoom adds one larger), the image is resized, padded, and run through the trunk ONCE; the heads are applied
 convolutionally (model.DeepMask.dense_scores: the score FC layers as a dilated 7x7 conv + 1x1 convs), giving an
 objectness score for the patch at every 16-px step. Masks are computed only for the candidates that are kept
 (model.DeepMask.masks_at: the same weights as the f x f / 1x1 convolutions of the dense form, evaluated where
@@ -56,21 +56,37 @@ MODEL_KEYS = ("trunk", "head", "seg_channels", "lowrank_dim", "mask_size", "patc
               "score_hidden", "pad_color")
 
 
+def scale_exponents(object_size: float, object_range, step: float) -> list[float]:
+    """log2 image scales covering objects of `object_range` = [lo, hi] image px (longer box side): from
+    log2(object_size / hi) (the largest object made canonical) up by `step` until log2(object_size / lo) is reached,
+    within 0.01 octave (so that [64, 512] at object_size 128 gives exactly -2, -1.5, ..., 1)."""
+    lo, hi = (float(v) for v in object_range)
+    if step <= 0 or not 0 < lo <= hi:
+        raise ConfigError(f"config keys 'deepmask.object_range' / 'scale_step': need 0 < lo <= hi and step > 0, "
+                          f"got {list(object_range)} / {step}")
+    first, last = math.log2(object_size / hi), math.log2(object_size / lo)
+    n = max(0, math.ceil((last - first) / step - 0.01)) + 1
+    return [first + i * step for i in range(n)]
+
+
 def inference_scales(dm) -> list[float]:
-    """2^scale_min .. 2^scale_max step 2^scale_step (§3.4), plus 2^(scale_max + scale_step) for DeepMaskZoom.
+    """The image scales of §3.3 covering ``dm.object_range`` (:func:`scale_exponents`), plus one step larger for
+    DeepMaskZoom.
 
     DeepMaskZoom (§4, Table 1) "applies [the model] at an additional smaller scale ... especially for small objects":
     smaller *objects* need a LARGER image scale (at 2^1.5 an object of 128 / 2^1.5 = 45 px becomes canonical), and
     Table 1 shows the gain on small objects (AUC^S .023 -> .068) with a small loss on large ones, so the extra scale
-    is the zoomed-in 2^(scale_max + scale_step)."""
-    if dm.scale_step <= 0 or dm.scale_max < dm.scale_min:
-        raise ConfigError("config keys 'deepmask.scale_min/scale_max/scale_step': need scale_step > 0 and "
-                          "scale_max >= scale_min")
-    n = int(math.floor((dm.scale_max - dm.scale_min) / dm.scale_step + 1e-6)) + 1
-    exps = [dm.scale_min + i * dm.scale_step for i in range(n)]
+    is the zoomed-in one."""
+    exps = scale_exponents(dm.object_size, dm.object_range, dm.scale_step)
     if dm.zoom:
         exps.append(exps[-1] + dm.scale_step)
     return [2.0 ** e for e in exps]
+
+
+def covered_object_range(dm) -> list[float]:
+    """[lo, hi] image px of the objects the inference scales make canonical (object_size / scale)."""
+    scales = inference_scales(dm)
+    return [round(dm.object_size / max(scales), 1), round(dm.object_size / min(scales), 1)]
 
 
 def pack_canvases(sizes: list[tuple[int, int]], gap: int = 2):
@@ -201,6 +217,11 @@ class DeepMaskProposer:
         self.dm = dm
         self.top_n = int(dm.top_n)
         self.scales = inference_scales(dm)
+        lo, hi = covered_object_range(dm)
+        self.info = {"object_range_px": [lo, hi], "scales_log2": [round(math.log2(s), 4) for s in self.scales],
+                     "infer_dtype": dm.infer_dtype}
+        log.info("deepmask: %d scales 2^%.2f .. 2^%.2f cover objects of %.0f..%.0f image px (object_size %d)",
+                 len(self.scales), math.log2(min(self.scales)), math.log2(max(self.scales)), lo, hi, dm.object_size)
         self.patch = model.patch_size
         self.stride = int(getattr(model.trunk, "stride", 16))
         self.pad = int(round(dm.infer_pad * self.patch))

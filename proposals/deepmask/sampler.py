@@ -5,14 +5,20 @@ largest side equal to ``object_size`` (128) in a ``patch_size`` (224) patch. Eac
 of +-``pos_shift`` (16) patch pixels, a scale of 2^(+-``pos_scale``) (2^(+-1/4)) and a horizontal flip, applied to
 patch and mask alike (one affine transform for both). The target mask holds only the *single* centred object.
 
-Negatives (label -1): a random patch centre (uniform over the image) and a random scale (log-uniform in
-[2^neg_scale_min, 2^neg_scale_max]: the full-scene inference scales 2^-2..2^1 plus one half-octave step each way, so
-negatives cover every (position, scale) inference looks at), rejected -- and drawn again -- while it is within
+Negatives (label -1): a random patch centre (uniform over the image) and a random scale (log-uniform over the scales
+that make objects of ``neg_object_range`` image px canonical: by default the paper's inference range 64..512 px widened
+by half an octave each way, i.e. 2^-2.5 .. 2^1.5 at object_size 128, so negatives cover every (position, scale)
+inference looks at), rejected -- and drawn again -- while it is within
 BOTH the shift tolerance (< ``neg_shift`` = 32 patch pixels in x and in y) and the scale tolerance (< 2^neg_scale =
 2^1) of the canonical positive of ANY annotated object of the image (§3.4: "negative examples are any patches at
 least +-32 pixels or 2^(+-1) in scale from any canonical positive example"). Crowd regions and objects too small to
 be positives also count as objects here, so a patch centred on them is never trained as "no object". Distances are
 measured in the negative patch's own pixels (what the network sees).
+
+Which object a positive is (``positive_sampling``): ``official`` (the official DeepMask DataSampler: mask batches draw
+a category uniformly, then one of its instances; score batches an image uniformly, then one of its objects),
+``category`` (category, then instance, in every batch) or ``object`` (uniform over all objects: frequent classes
+dominate).
 
 Objects used as positives: not crowd, area >= ``min_area`` (100) and box sides >= ``min_side`` (5) (the official
 DataSampler's filter). Patches that reach outside the image are padded with the trunk's mean colour (``pad_color:
@@ -60,8 +66,9 @@ class SamplerParams:
     flip: bool = True
     neg_shift: float = 32.0
     neg_scale: float = 1.0
-    neg_scale_min: float = -2.5
+    neg_scale_min: float = -2.5  # log2 scales, from the config's neg_object_range and object_size
     neg_scale_max: float = 1.5
+    positive_sampling: str = "official"
     min_area: float = 100.0
     min_side: float = 5.0
     batch_size: int = 32
@@ -78,11 +85,17 @@ class SamplerParams:
             raise ConfigError("config key 'deepmask.batch_size': at least 2 (score batches are 1:1 pos/neg)")
         if dm.object_size <= 0 or dm.object_size > dm.patch_size:
             raise ConfigError(f"config key 'deepmask.object_size': {dm.object_size} must be in (0, patch_size]")
-        if dm.neg_scale_min > dm.neg_scale_max:
-            raise ConfigError("config key 'deepmask.neg_scale_min': larger than deepmask.neg_scale_max")
+        lo, hi = (float(v) for v in dm.neg_object_range)
+        if not 0 < lo <= hi:
+            raise ConfigError(f"config key 'deepmask.neg_object_range': expected 0 < smallest <= largest, got "
+                              f"{dm.neg_object_range}")
+        if dm.positive_sampling not in ("official", "category", "object"):
+            raise ConfigError(f"config key 'deepmask.positive_sampling': '{dm.positive_sampling}' (choose official, "
+                              "category or object)")
         return cls(patch_size=dm.patch_size, object_size=dm.object_size, pos_shift=dm.pos_shift,
                    pos_scale=dm.pos_scale, flip=dm.flip, neg_shift=dm.neg_shift, neg_scale=dm.neg_scale,
-                   neg_scale_min=dm.neg_scale_min, neg_scale_max=dm.neg_scale_max, min_area=dm.min_area,
+                   neg_scale_min=math.log2(dm.object_size / hi), neg_scale_max=math.log2(dm.object_size / lo),
+                   positive_sampling=dm.positive_sampling, min_area=dm.min_area,
                    min_side=dm.min_side, batch_size=dm.batch_size, batch_mode=dm.batch_mode,
                    pad_rgb=tuple(float(v) for v in pad_rgb), image_cache=dm.image_cache)
 
@@ -191,6 +204,10 @@ class PatchSampler:
             raise DataError(f"deepmask {name} data: no object usable as a positive (non-crowd, area >= "
                             f"{params.min_area:g}, sides >= {params.min_side:g}) in {len(records)} images")
         self.positives = np.array(pos, np.int64)
+        # groups of positive indices for category-then-instance and image-then-object draws
+        labels = np.array([int(records[ri].labels[j]) for ri, j in pos], np.int64)
+        self._by_category = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+        self._by_image = [np.flatnonzero(self.positives[:, 0] == ri) for ri in np.unique(self.positives[:, 0])]
         self._cache: OrderedDict = OrderedDict()
 
     def __len__(self) -> int:
@@ -268,6 +285,22 @@ class PatchSampler:
         raise DataError(f"deepmask {self.name} data: could not draw a negative patch (every patch is near an object;"
                         f" check deepmask.neg_shift / neg_scale)")
 
+    def draw_positive(self, rng: np.random.Generator, kind: str) -> tuple[int, int]:
+        """(image index, object index) of a positive for a batch of `kind` (see ``positive_sampling``)."""
+        mode = self.p.positive_sampling
+        if mode == "official":
+            mode = "image" if kind == "score" else "category"
+        if mode == "category":
+            group = self._by_category[rng.integers(len(self._by_category))]
+            k = group[rng.integers(len(group))]
+        elif mode == "image":
+            group = self._by_image[rng.integers(len(self._by_image))]
+            k = group[rng.integers(len(group))]
+        else:
+            k = rng.integers(len(self.positives))
+        ri, j = self.positives[k]
+        return int(ri), int(j)
+
     # ------------------------------------------------------------------ batches
     def kind(self, t: int) -> str:
         if self.p.batch_mode == "joint":
@@ -289,8 +322,8 @@ class PatchSampler:
         params = np.empty((bsz, 5), np.float64)
         for k in range(bsz):
             if k < n_pos:
-                ri, j = self.positives[rng.integers(len(self.positives))]
-                cx, cy, s, flip = self.positive_params(rng, int(ri), int(j))
+                ri, j = self.draw_positive(rng, kind)
+                cx, cy, s, flip = self.positive_params(rng, ri, j)
                 obj_mask = self._mask(int(ri), int(j))
                 masks[k] = warp_patch(obj_mask, cx, cy, s, flip, size, 0.0) >= 128  # bilinear value >= 0.5
                 labels[k] = 1.0
