@@ -164,6 +164,9 @@ def import_proposals(path, dataset, out=None, *, fmt: str = "auto", name: str | 
     by_split = {mapping[f]: img for f, img in pf.images.items() if f in mapping}
     known = [i for i in split_ids if i in by_split]
     missing = [i for i in split_ids if i not in by_split]
+    if missing and pf.format == "coco":
+        notes.append("a COCO results json has no entry for an image without proposals: if the missing images have "
+                     "none, --allow-missing")
     sizes = image_sizes(dataset, known, progress)
     L = layout or pf.layout
     B = base or pf.base

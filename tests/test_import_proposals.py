@@ -226,6 +226,9 @@ def test_ids_and_bad_input(data, tmp_path):
     assert js["diagnosis"] == ["missing_ids"] and js["refused"] == []
     st = ProposalStore.open(tmp_path / "st")
     assert len(st.get(src.image_ids[0])) == 0 and len(st.get(src.image_ids[1])) == len(src.get(src.image_ids[1]))
+    write_proposal_file(entries[1:], tmp_path / "part.json", "coco")  # COCO cannot list an image with no proposals
+    res, js = imp(data, tmp_path / "part.json", tmp_path / "stc", "--check-only")
+    assert js["refused"] == ["missing_ids"] and any("--allow-missing" in n for n in js["notes"])
     # mmdet is matched by position: another length is refused
     write_proposal_file(entries[:3], tmp_path / "mm.pkl", "mmdet")
     res, js = imp(data, tmp_path / "mm.pkl", tmp_path / "st2")
