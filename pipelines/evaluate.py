@@ -3,12 +3,15 @@
     python -m pipelines.evaluate detections --voc DIR/VOC2007 --split test --results RESDIR
         RESDIR holds the devkit result files comp4_det_<split>_<class>.txt (detector/voc_eval.py)
     python -m pipelines.evaluate proposals (--coco ANN.json | --voc DIR/VOC2007 --split SPLIT)
-        --proposals RES.json|STORE_DIR [--iou-type bbox|segm]
+        --proposals RES.json|STORE_DIR [--proposals ...] [--iou-type bbox|segm] [--plot PNG]
         RES.json: COCO results list [{image_id, bbox [x,y,w,h] | segmentation (RLE), score}];
-        STORE_DIR: a proposal store (core/store.py)
+        STORE_DIR: a proposal store (core/store.py; an imported one too, pipelines.import_proposals)
+        --plot: the localisation plots, one curve per --proposals (recall vs IoU threshold at 10 / 100 / 1000
+        proposals, recall at IoU .5 and .7 and AR vs the number of proposals: paper Fig. 4 g-i, Hosang et al.)
 
 A human-readable table is printed first; the LAST line of stdout is one JSON object. Bad input (missing folder or
-file, broken XML, unknown class, malformed results) -> one line 'error: ...' on stderr and exit code 2.
+file, broken XML, unknown class, malformed results) -> one line 'error: ...' on stderr and exit code 2. With several
+--proposals the JSON object is {"methods": {name: result}} (name: the store's method, or the json's file name).
 """
 from __future__ import annotations
 
@@ -39,11 +42,14 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--coco", help="COCO instances json (ground truth)")
     g.add_argument("--voc", help="VOCdevkit VOC2007 folder (ground truth; needs --split; boxes only)")
     p.add_argument("--split", help="image set with --voc")
-    p.add_argument("--proposals", required=True, help="COCO results json, or a proposal store folder")
+    p.add_argument("--proposals", required=True, action="append",
+                   help="COCO results json, or a proposal store folder (repeat to compare methods)")
     p.add_argument("--iou-type", choices=("bbox", "segm"), default="bbox")
     p.add_argument("--counts", default="10,100,1000", help="proposal counts for AR@n (comma separated)")
     p.add_argument("--no-sizes", action="store_true",
                    help="skip the small/medium/large ranges (about 4x faster; no AR_S/M/L keys)")
+    p.add_argument("--plot", metavar="PNG", help="also write the localisation plots (recall vs IoU, recall at IoU "
+                   ".5 / .7 and AR vs number of proposals) to this PNG")
     p.add_argument("--out", help="also write the JSON result to this file")
     return ap
 
@@ -82,25 +88,45 @@ def _proposals(args) -> dict:
         ds = VOCDataset(args.voc, args.split)
         gt = gt_from_records((ds[i] for i in range(len(ds))), ds.classes, name=f"{ds.root} split '{args.split}'")
 
-    src = Path(args.proposals)
-    if src.is_dir():
-        from core.store import ProposalStore
+    areas = ("all",) if args.no_sizes else ("all", "small", "medium", "large")
+    out, loc = {}, {}
+    for src in map(Path, args.proposals):
+        name = src.stem
+        if src.is_dir():
+            from core.store import ProposalStore
 
-        store = ProposalStore.open(src)
-        if ds is not None:
-            store.check(ds.name, args.split)
-        results = results_from_store(store, top=counts[-1], masks=args.iou_type == "segm")
-    else:
-        results = load_results(src)
-    res = evaluate_proposals(gt, results, args.iou_type, counts=counts, source=str(src),
-                             areas=("all",) if args.no_sizes else ("all", "small", "medium", "large"))
-    print(f"proposal recall ({args.iou_type}, useCats=0, IoU .50:.05:.95), {res['n_images']} images, "
-          f"{res['n_objects']} objects, {res['n_proposals']} proposals from {src}")
-    for k, v in res.items():
-        if isinstance(v, float):
-            print(f"  {k:<10s} {v:.4f}")
-    print(f"  AUC grid (log-spaced counts): {res['auc_counts']}")
-    return nan_to_none(res)
+            store = ProposalStore.open(src)
+            if ds is not None:
+                store.check(ds.name, args.split)
+            results = results_from_store(store, top=counts[-1], masks=args.iou_type == "segm")
+            name = store.method
+        else:
+            results = load_results(src)
+        while name in out:  # two sources of the same method
+            name += "'"
+        if args.plot:  # one evaluation with IoU 1 added serves both (AR averages over .50:.95 only)
+            from proposals.recall import LOC_IOU_THRESHOLDS, ProposalRecall, auc_grid, localization_curves
+
+            pr = ProposalRecall(gt, results, args.iou_type, max_count=counts[-1], source=str(src), areas=areas,
+                                iou_thresholds=LOC_IOU_THRESHOLDS)
+            res = pr.summary(counts, auc_grid(counts[-1]))
+            loc[name] = localization_curves(pr)
+        else:
+            res = evaluate_proposals(gt, results, args.iou_type, counts=counts, source=str(src), areas=areas)
+        print(f"proposal recall ({args.iou_type}, useCats=0, IoU .50:.05:.95), {res['n_images']} images, "
+              f"{res['n_objects']} objects, {res['n_proposals']} proposals from {src}")
+        for k, v in res.items():
+            if isinstance(v, float):
+                print(f"  {k:<10s} {v:.4f}")
+        print(f"  AUC grid (log-spaced counts): {res['auc_counts']}")
+        out[name] = nan_to_none(res)
+    if args.plot:
+        from pipelines.plots import plot_localization
+
+        plot_localization(loc, args.plot, title=f"{args.iou_type} proposal localisation "
+                          f"({'COCO ' + Path(args.coco).name if args.coco else 'split ' + args.split})")
+        print(f"wrote {args.plot}")
+    return next(iter(out.values())) if len(out) == 1 else {"methods": out}
 
 
 def main(argv=None) -> int:

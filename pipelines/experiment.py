@@ -27,11 +27,12 @@ from core.config import (DET_TEST, DET_TRAIN, DM_INFER, DM_TRAIN, RANDOM, SS, SW
                          CocoSource, Config, save_config, section_hash, values_for)
 from core.errors import ConfigError
 from core.io import read_json, write_json
+from proposals import is_imported, known_method
 
 log = logging.getLogger(__name__)
 
 METHOD_TAG = {"deepmask": DM_INFER, "selective_search": SS, "random": RANDOM}
-SWEEP_OUTPUTS = ("sweep.json", "sweep.csv", "recall.json", "figure5.png", "recall.png", "results")
+SWEEP_OUTPUTS = ("sweep.json", "sweep.csv", "recall.json", "figure5.png", "recall.png", "recall_iou.png", "results")
 
 
 @dataclasses.dataclass
@@ -86,15 +87,16 @@ def detector_stage(method: str, seed: int, cfg: Config, top: int | None = None) 
                                                                                   f"_seed{seed}")
 
 
-def stage_keys(cfg: Config, train_split: dict, test_split: dict, train_proposals: dict | None = None
-               ) -> dict[str, dict]:
+def stage_keys(cfg: Config, train_split: dict, test_split: dict, train_proposals: dict | None = None,
+               imported: dict | None = None) -> dict[str, dict]:
     """{stage name: {'key', 'resume_key'}} of every stage of the run, from the config fields' metadata (what each
     affects), the stages each reads, and the identities of the two splits (:func:`split_identity`). Pure: the
     same inputs give the same keys, on any machine. ``resume_key`` (trainings only) leaves out the fields a
     training may resume across. ``train_proposals``: {(method, N or None): fingerprint of the training proposals a
     detector trained with the top N (None: detector.train_top) reads} once they exist (:meth:`ProposalStore.fingerprint`); a detector then depends on those boxes rather
     than on the settings that made them, so an inference setting that leaves its top boxes as they were (a
-    larger top_n) does not retrain it."""
+    larger top_n) does not retrain it. ``imported``: {(method, split): the store's meta params (file, sha1,
+    conventions)} of the ``imported:<name>`` methods, whose stores pipelines.import_proposals made."""
     keys: dict[str, dict] = {}
     methods = list(cfg.sweep.methods)
     splits = {"train": (cfg.data.train_split, train_split, TRAIN_SPLIT),
@@ -104,6 +106,11 @@ def stage_keys(cfg: Config, train_split: dict, test_split: dict, train_proposals
                                   "resume_key": section_hash(values_for(cfg, DM_TRAIN, resumable=False))}
     for method in methods:
         for kind, (split, ident, tag) in splits.items():
+            if is_imported(method):  # no stage makes it: its identity is the imported file's
+                keys[f"proposals_{method}_{split}"] = {"key": section_hash(
+                    {"method": method, "split": ident, "store": (imported or {}).get((method, split))}),
+                    "resume_key": None}
+                continue
             deps = {"method": method, "params": values_for(cfg, METHOD_TAG[method]), "split": ident,
                     "split_fields": values_for(cfg, tag)}
             if method == "deepmask":
@@ -249,13 +256,19 @@ def run_experiment(cfg: Config, progress: bool = True) -> dict:
     train_ds = VOCDataset(cfg.data.voc, cfg.data.train_split, max_images=cfg.data.train_images)
     test_ds = VOCDataset(cfg.data.voc, cfg.data.test_split, max_images=cfg.data.test_images)
     methods = list(cfg.sweep.methods)
+    from core.store import ProposalStore
     from proposals import METHODS
 
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if not known_method(m)]
     if unknown:
-        raise ConfigError(f"config key 'sweep.methods': unknown method(s) {unknown} (choose from {', '.join(METHODS)})")
+        raise ConfigError(f"config key 'sweep.methods': unknown method(s) {unknown} (choose from {', '.join(METHODS)}, "
+                          "or imported:<name> for a store made by pipelines.import_proposals)")
+    imported = {}
+    for method in filter(is_imported, methods):
+        for ds in (train_ds, test_ds):
+            imported[method, ds.split] = _imported_store(cfg, paths, method, ds).meta["params"]
 
-    keys = stage_keys(cfg, split_identity(train_ds), split_identity(test_ds))
+    keys = stage_keys(cfg, split_identity(train_ds), split_identity(test_ds), imported=imported)
 
     # 1. DeepMask
     dm_ckpt = None
@@ -269,13 +282,14 @@ def run_experiment(cfg: Config, progress: bool = True) -> dict:
     for method in methods:
         for ds in (train_ds, test_ds):
             out = paths.store(method, ds.split)
+            if is_imported(method):  # made by pipelines.import_proposals, never recomputed nor moved
+                stores[method, ds.split] = str(out)
+                continue
             stores[method, ds.split] = stages.run(
                 f"proposals_{method}_{ds.split}", keys[f"proposals_{method}_{ds.split}"]["key"],
                 lambda m=method, d=ds, o=out: _extract(cfg, m, d, o, dm_ckpt, progress), outputs=out)
 
     # 3. one Fast R-CNN per method and seed, keyed by the training proposals it reads
-    from core.store import ProposalStore
-
     fingerprints = None
     if distributed.is_main():
         fingerprints = {}
@@ -284,7 +298,8 @@ def run_experiment(cfg: Config, progress: bool = True) -> dict:
             for top in [None] + retrain_counts(cfg):
                 fingerprints[m, top] = store.fingerprint((cfg.detector.train_top if top is None else top) or None,
                                                          train_ds.image_ids)
-    keys = stage_keys(cfg, split_identity(train_ds), split_identity(test_ds), distributed.broadcast_object(fingerprints))
+    keys = stage_keys(cfg, split_identity(train_ds), split_identity(test_ds), distributed.broadcast_object(fingerprints),
+                      imported=imported)
     seen = set()
     for method in methods:
         jobs = [(None, s, f) for s, f in paths.detectors(cfg, method)] + paths.retrained(cfg, method)
@@ -308,6 +323,22 @@ def run_experiment(cfg: Config, progress: bool = True) -> dict:
     summary = read_json(paths.root / "sweep.json")
     summary["stages_run"] = list(stages.ran)
     return summary
+
+
+def _imported_store(cfg: Config, paths: RunPaths, method: str, ds):
+    """The store of an imported method for split `ds`, checked: it must exist at the run's store path."""
+    from core.store import ProposalStore
+
+    out = paths.store(method, ds.split)
+    if not (out / "meta.json").is_file():
+        raise ConfigError(f"config key 'sweep.methods': {method}: no proposal store at {out}; make it with "
+                          f"`python -m pipelines.import_proposals FILE --voc {cfg.data.voc} --split {ds.split} "
+                          f"--name {method[len('imported:'):]} --out {out}`")
+    store = ProposalStore.open(out)
+    store.check(ds.name, ds.split)
+    if store.method != method:
+        raise ConfigError(f"{out}: a store of method {store.method!r}, not {method!r}")
+    return store
 
 
 def _train_deepmask(cfg: Config, out_dir: Path, progress: bool) -> str:

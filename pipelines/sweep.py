@@ -1,12 +1,16 @@
 """The Figure 5 sweep: test mAP of each method's Fast R-CNN with its top N proposals, for every N; and the
-Figure 4 recall curves (AR against the number of proposals, box and mask).
+Figure 4 recall curves (AR against the number of proposals, box and mask; recall against IoU).
 
     python -m pipelines.sweep --run runs/<name> [--counts 10,20,50,100,200,300,500,1000,2000]
+                              [--methods deepmask,selective_search,imported:NAME]
 
 Reads the run's `config.yaml`, its detectors `detector_<method>/final.pt` and its test-split proposal stores
 `proposals/<method>_<test split>`; writes `sweep.json`, `sweep.csv`, `figure5.png`, `recall.json`, `recall.png`
-into the run folder. One pass over the test images per method serves every N (the detector's RoI head runs on the
-largest N once; the first N proposals' outputs are the same for any smaller N).
+and `recall_iou.png` (box recall against the IoU threshold at 10 / 100 / 1000 proposals, recall at IoU .5 / .7 and
+AR against the number of proposals) into the run folder. `--methods` replaces the config's sweep.methods, e.g. to
+add an imported store (`pipelines.import_proposals --out runs/<name>/proposals/imported:NAME_<split>`, its detector
+trained into `runs/<name>/detector_imported:NAME`). One pass over the test images per method serves every N (the
+detector's RoI head runs on the largest N once; the first N proposals' outputs are the same for any smaller N).
 """
 from __future__ import annotations
 
@@ -41,10 +45,11 @@ def recall_curves(cfg: Config, run: Path, test_ds, methods, max_count: int, prog
     method, masks against the COCO instance masks (when the dataset has them, e.g. the synthetic set) for the
     methods that make masks."""
     from core.store import ProposalStore
-    from proposals.recall import ProposalRecall, auc_grid, gt_from_coco, gt_from_records, results_from_store
+    from proposals.recall import LOC_IOU_THRESHOLDS, ProposalRecall, auc_grid, gt_from_coco, gt_from_records, \
+        localization_curves, results_from_store
 
     grid = [int(c) for c in auc_grid(max_count)]
-    out: dict = {"counts": grid, "box": {}, "segm": {}, "summary": {}}
+    out: dict = {"counts": grid, "box": {}, "segm": {}, "summary": {}, "localization": {}}
     box_gt = gt_from_records(test_ds, test_ds.classes, name=f"{test_ds.name}:{test_ds.split}")
     seg_json = None
     if cfg.data.synthetic and cfg.data.synthetic_root:
@@ -53,8 +58,9 @@ def recall_curves(cfg: Config, run: Path, test_ds, methods, max_count: int, prog
     for method in methods:
         store = ProposalStore.open(run / "proposals" / f"{method}_{test_ds.split}")
         pr = ProposalRecall(box_gt, results_from_store(store, top=max_count), "bbox", max_count=max_count,
-                            progress=progress, source=str(store.path))
+                            progress=progress, source=str(store.path), iou_thresholds=LOC_IOU_THRESHOLDS)
         out["box"][method] = {"counts": grid, "AR": [round(float(v), 5) for v in pr.ar_curve(grid)]}
+        out["localization"][method] = localization_curves(pr, grid=grid)
         summ = {f"box AR@{c}": pr.ar(c) for c in (10, 100, 1000) if c <= max_count}
         summ["box AUC"] = pr.auc()
         if seg_json is not None and store.has_masks:
@@ -70,10 +76,11 @@ def recall_curves(cfg: Config, run: Path, test_ds, methods, max_count: int, prog
     return out
 
 
-def run_sweep(run, cfg: Config | None = None, counts: list[int] | None = None, progress: bool = True) -> dict:
+def run_sweep(run, cfg: Config | None = None, counts: list[int] | None = None, progress: bool = True,
+              methods: list[str] | None = None) -> dict:
     from core.datasets import VOCDataset
     from detector.test import test_detector
-    from pipelines.plots import plot_figure5, plot_recall
+    from pipelines.plots import plot_figure5, plot_localization, plot_recall
 
     run = Path(run)
     if cfg is None:
@@ -82,7 +89,7 @@ def run_sweep(run, cfg: Config | None = None, counts: list[int] | None = None, p
         cfg = load_config(str(run / "config.yaml"))
     counts = sorted(counts or cfg.sweep.counts)
     test_ds = VOCDataset(cfg.data.voc, cfg.data.test_split, max_images=cfg.data.test_images)
-    methods = list(cfg.sweep.methods)
+    methods = list(methods or cfg.sweep.methods)
     from pipelines.experiment import RunPaths
 
     seed_rows = []
@@ -92,7 +99,10 @@ def run_sweep(run, cfg: Config | None = None, counts: list[int] | None = None, p
             ckpt = folder / "final.pt"
             for p, what in ((ckpt, f"trained detector (seed {seed})"), (store / "meta.json", "test proposals")):
                 if not p.exists():
-                    raise DataError(f"{p}: missing {what} of method '{method}' (run `python -m pipelines.run` first)")
+                    how = ("`python -m pipelines.import_proposals FILE ... --out STORE`, then `python -m "
+                           "pipelines.train_detector --config RUN/config.yaml --proposals STORE_OF_THE_TRAIN_SPLIT "
+                           f"--out {folder}`" if method.startswith("imported:") else "`python -m pipelines.run`")
+                    raise DataError(f"{p}: missing {what} of method '{method}' (run {how} first)")
             log.info("sweep: %s detector (seed %d) with top %s proposals on %s", method, seed, counts, test_ds.split)
             res = test_detector(ckpt, store, test_ds, tops=counts, out_dir=run / "results" / folder.name.removeprefix("detector_"),
                                 cfg=cfg, progress=progress)
@@ -128,6 +138,8 @@ def run_sweep(run, cfg: Config | None = None, counts: list[int] | None = None, p
     plot_figure5(rows, run / "figure5.png", title=f"Fast R-CNN mAP vs proposals ({cfg.name}, {test_ds.split})")
     plot_recall({k: recall[k] for k in ("box", "segm")}, run / "recall.png",
                 title=f"Average recall vs proposals ({cfg.name}, {test_ds.split})")
+    plot_localization(recall["localization"], run / "recall_iou.png",
+                      title=f"Box proposal localisation ({cfg.name}, {test_ds.split})")
     return summary
 
 
@@ -214,14 +226,19 @@ def main(argv=None) -> int:
     ap.add_argument("--run", required=True, help="run folder, e.g. runs/shapes")
     ap.add_argument("--counts", type=parse_counts, default=None,
                     help="proposal counts, e.g. 10,20,50,100,200,300,500,1000,2000 (default: the config's)")
+    ap.add_argument("--methods", default=None, help="comma-separated methods (default: the config's sweep.methods), "
+                    "e.g. deepmask,selective_search,imported:NAME")
     args = ap.parse_args(argv)
-    summary = run_sweep(args.run, counts=args.counts)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    if args.methods is not None and not methods:
+        raise DataError(f"--methods {args.methods!r}: no method given")
+    summary = run_sweep(args.run, counts=args.counts, methods=methods)
     from core import distributed
 
     if not distributed.is_main():  # torchrun: rank 0 reports
         return 0
     print(format_summary(summary))
-    print(f"wrote {Path(args.run) / 'figure5.png'}, sweep.json, sweep.csv, recall.png, recall.json")
+    print(f"wrote {Path(args.run) / 'figure5.png'}, sweep.json, sweep.csv, recall.png, recall_iou.png, recall.json")
     return 0
 
 

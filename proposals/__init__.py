@@ -1,5 +1,8 @@
 """Object proposals: DeepMask, SelectiveSearch and random boxes (the baseline) behind one interface.
 
+Proposals of other methods are imported (proposals/importing.py, `python -m pipelines.import_proposals`) into
+stores whose method is ``imported:<name>`` (`is_imported`, `known_method`): nothing here computes them.
+
 A proposer is a callable `proposer(image HxWx3 uint8 RGB) -> (boxes (n,4) float32 xyxy 0-based, scores (n,) float32,
 masks: list[COCO RLE] | None)`, ranked best first, at most `top_n` proposals. `build_proposer(method, cfg,
 checkpoint)` makes one; `extract_proposals` runs one over a dataset into a `core.store.ProposalStore`.
@@ -16,9 +19,29 @@ from core.errors import ConfigError, UserError
 
 __all__ = ["METHODS", "build_proposer", "proposer_params", "method_has_masks", "rank_scores",
            "SelectiveSearchProposer", "RandomProposer", "random_boxes", "extract_proposals", "run_extraction",
-           "export_coco_results"]
+           "export_coco_results", "IMPORTED_PREFIX", "is_imported", "known_method"]
 
 METHODS = ("selective_search", "deepmask", "random")
+IMPORTED_PREFIX = "imported:"  # method of a store written by pipelines.import_proposals: imported:<name>
+
+
+def is_imported(method: str) -> bool:
+    """True for ``imported:<name>`` (name: letters, digits, '_', '.', '-'), the method of an imported store."""
+    import re
+
+    m = str(method)
+    return m.startswith(IMPORTED_PREFIX) and re.fullmatch(r"[A-Za-z0-9_.\-]+", m[len(IMPORTED_PREFIX):]) is not None
+
+
+def known_method(method: str) -> bool:
+    """A method this project computes (METHODS) or an imported one (``imported:<name>``)."""
+    return method in METHODS or is_imported(method)
+
+
+def _not_computed(method: str) -> UserError:
+    return UserError(f"method {method!r}: imported proposals are not computed by this project; import the file "
+                     "with `python -m pipelines.import_proposals FILE --voc DIR --split S --out STORE` and give "
+                     "the store")
 
 
 def rank_scores(n: int, top_n: int) -> np.ndarray:
@@ -120,6 +143,8 @@ def build_proposer(method: str, cfg, checkpoint: str | None = None):
         from .deepmask.infer import build_deepmask_proposer
 
         return build_deepmask_proposer(cfg, checkpoint)
+    if is_imported(method):
+        raise _not_computed(method)
     raise UserError(f"unknown proposal method {method!r} (choose one of {', '.join(METHODS)})")
 
 
@@ -168,6 +193,8 @@ def proposer_params(method: str, cfg, checkpoint: str | None = None) -> dict:
         if checkpoint and os.path.isfile(str(checkpoint)):
             params["checkpoint_sha1"] = checkpoint_fingerprint(checkpoint)
         return params
+    if is_imported(method):
+        raise _not_computed(method)
     raise UserError(f"unknown proposal method {method!r} (choose one of {', '.join(METHODS)})")
 
 

@@ -44,6 +44,9 @@ from core.errors import DataError
 log = logging.getLogger(__name__)
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)  # COCO's .50:.05:.95
+# .50:.05:1.00 for recall-vs-IoU curves (paper Fig. 4 g-i, Hosang et al.): COCO's ten and IoU 1 (exact boxes)
+LOC_IOU_THRESHOLDS = np.append(IOU_THRESHOLDS, 1.0)
+LOC_COUNTS = (10, 100, 1000)  # the proposal counts of the recall-vs-IoU panels
 AREA_RANGES = {  # COCOeval Params.setDetParams areaRng / areaRngLbl
     "all": (0.0, 1e5 ** 2),
     "small": (0.0, 32.0 ** 2),
@@ -284,6 +287,9 @@ def results_from_store(store, top: int | None = None, masks: bool = False) -> li
 class ProposalRecall:
     """COCOeval (useCats = 0) of one set of proposals; recall at any count up to ``max_count``.
 
+    ``iou_thresholds`` (default COCO's .50:.05:.95) must contain those ten (AR averages over them, whatever else is
+    evaluated); `LOC_IOU_THRESHOLDS` adds IoU 1 for `localization_curves`, one more matching pass per proposal.
+
     Per area range a and IoU threshold t it keeps the 0-based score ranks of the proposals that matched a
     non-ignored object (one per matched object) and the number of non-ignored objects npig[a]:
     recall(n)[t] = #(ranks < n) / npig.
@@ -291,9 +297,14 @@ class ProposalRecall:
 
     def __init__(self, gt: RecallGT, results, iou_type: str = "bbox", max_count: int = 1000,
                  chunk: int = 200, progress: bool = True, source: str = "results",
-                 areas: Sequence[str] = tuple(AREA_RANGES)):
+                 areas: Sequence[str] = tuple(AREA_RANGES), iou_thresholds: Sequence[float] | None = None):
         from pycocotools.cocoeval import COCOeval
 
+        thr = IOU_THRESHOLDS.copy() if iou_thresholds is None else np.asarray(iou_thresholds, np.float64)
+        self._ar_mask = np.isin(thr, IOU_THRESHOLDS)
+        if self._ar_mask.sum() != len(IOU_THRESHOLDS):
+            raise ValueError("iou_thresholds must include IOU_THRESHOLDS (COCO's .50:.05:.95), the AR thresholds")
+        self.iou_thresholds = thr
         self.gt = gt
         self.iou_type = iou_type
         self.max_count = int(max_count)
@@ -312,14 +323,14 @@ class ProposalRecall:
         ev = COCOeval(gt.coco, coco_dt, iouType=iou_type)
         p = ev.params
         p.useCats = 0  # class-agnostic proposals (DeepMask official evaluation)
-        p.iouThrs = IOU_THRESHOLDS.copy()
+        p.iouThrs = thr.copy()
         p.maxDets = [self.max_count]  # evaluateImg keeps the top maxDets[-1]; smaller counts are prefixes
         self.areas = [a for a in AREA_RANGES if a in areas]  # 'all' alone is ~4x faster (COCOeval per area)
         if "all" not in self.areas or any(a not in AREA_RANGES for a in areas):
             raise ValueError(f"areas must include 'all' and be among {list(AREA_RANGES)}")
         p.areaRng = [list(AREA_RANGES[a]) for a in self.areas]
         p.areaRngLbl = list(self.areas)
-        T = len(IOU_THRESHOLDS)
+        T = len(thr)
         ranks: dict[str, list[list[np.ndarray]]] = {a: [[] for _ in range(T)] for a in self.areas}
         npig = {a: 0 for a in self.areas}
         chunks = [img_ids[i:i + chunk] for i in range(0, len(img_ids), chunk)]
@@ -351,19 +362,20 @@ class ProposalRecall:
         self.n_proposals = len(dts)
 
     def recall(self, count: int, area: str = "all") -> np.ndarray:
-        """Recall per IoU threshold (10,) with the top ``count`` proposals per image; NaN without objects."""
+        """Recall per IoU threshold (of ``iou_thresholds``) with the top ``count`` proposals per image; NaN without
+        objects."""
         if area not in self._ranks:
             raise ValueError(f"area must be one of {self.areas}")
         if not 1 <= count <= self.max_count:
             raise ValueError(f"count {count} outside 1..{self.max_count} (evaluated up to max_count)")
         n = self.npig[area]
         if n == 0:
-            return np.full(len(IOU_THRESHOLDS), np.nan)
+            return np.full(len(self.iou_thresholds), np.nan)
         return np.array([np.searchsorted(r, count, side="left") / n for r in self._ranks[area]])
 
     def ar(self, count: int, area: str = "all") -> float:
         """Average recall over IoU .50:.05:.95 with the top ``count`` proposals per image."""
-        return float(np.mean(self.recall(count, area)))
+        return float(np.mean(self.recall(count, area)[self._ar_mask]))
 
     def ar_curve(self, counts: Iterable[int], area: str = "all") -> np.ndarray:
         """AR for each count (for AR-vs-number-of-proposals plots, paper Fig. 4)."""
@@ -392,6 +404,33 @@ class ProposalRecall:
         out["n_objects"] = self.npig["all"]
         out["n_proposals"] = self.n_proposals
         return out
+
+
+def recall_at_iou(pr: ProposalRecall, iou: float, counts: Iterable[int], area: str = "all") -> np.ndarray:
+    """Recall at one evaluated IoU threshold (e.g. .5, .7) for each count."""
+    k = int(np.argmin(np.abs(pr.iou_thresholds - iou)))
+    if abs(pr.iou_thresholds[k] - iou) > 1e-6:
+        raise ValueError(f"IoU {iou} was not evaluated (thresholds {pr.iou_thresholds.tolist()})")
+    return np.array([pr.recall(int(c), area)[k] for c in counts])
+
+
+def localization_curves(pr: ProposalRecall, counts: Sequence[int] = LOC_COUNTS, grid: Sequence[int] | None = None,
+                        area: str = "all") -> dict:
+    """The localisation plots' data (paper Fig. 4 g-i; Hosang et al. Figs. 6-7), JSON-ready: recall against the IoU
+    threshold at each of `counts` (those <= max_count), and recall at IoU .5 and .7 and AR against the number of
+    proposals on `grid` (default auc_grid(max_count))."""
+    g = [int(c) for c in (auc_grid(pr.max_count) if grid is None else grid)]
+    cs = [int(c) for c in counts if int(c) <= pr.max_count] or [pr.max_count]
+
+    def r5(a):
+        return [None if not np.isfinite(v) else round(float(v), 5) for v in a]
+
+    out = {"iou": [round(float(t), 4) for t in pr.iou_thresholds],
+           "recall_vs_iou": {str(c): r5(pr.recall(c, area)) for c in cs},
+           "counts": g, "AR": r5(pr.ar_curve(g, area))}
+    for t in (0.5, 0.7):
+        out[f"recall@{t:g}"] = r5(recall_at_iou(pr, t, g, area))
+    return out
 
 
 def evaluate_proposals(gt: RecallGT, results, iou_type: str = "bbox", counts: Sequence[int] = DEFAULT_COUNTS,

@@ -46,10 +46,10 @@ def run_dir(tmp_path_factory):
 
 def test_artefacts_are_well_formed(run_dir):
     run, stdout, _, _, _ = run_dir
-    for name in ("config.yaml", "figure5.png", "recall.png", "sweep.json", "sweep.csv", "recall.json",
-                 "deepmask/best.pt", "detector_deepmask/final.pt", "detector_selective_search/final.pt"):
+    for name in ("config.yaml", "figure5.png", "recall.png", "recall_iou.png", "sweep.json", "sweep.csv",
+                 "recall.json", "deepmask/best.pt", "detector_deepmask/final.pt", "detector_selective_search/final.pt"):
         assert (run / name).is_file(), name
-    for name in ("figure5.png", "recall.png"):
+    for name in ("figure5.png", "recall.png", "recall_iou.png"):
         im = Image.open(run / name)
         assert im.size[0] > 300 and im.size[1] > 200
     summary = json.loads((run / "sweep.json").read_text())
@@ -89,6 +89,10 @@ def test_artefacts_are_well_formed(run_dir):
         assert len(ar) == len(recall["counts"]) and all(0 <= v <= 1 for v in ar)
         assert all(b >= a - 1e-9 for a, b in zip(ar, ar[1:])), "AR must not decrease with more proposals"
     assert "deepmask" in recall["segm"] and "selective_search" not in recall["segm"]
+    for m in ("deepmask", "selective_search"):  # the localisation curves of recall_iou.png
+        loc = recall["localization"][m]
+        assert loc["AR"] == recall["box"][m]["AR"] and loc["iou"][-1] == 1.0
+        assert set(loc["recall_vs_iou"]) == {"10", "100"}
     # per-N devkit result files of the sweep
     for m in ("deepmask", "selective_search"):
         files = list((run / "results" / m).rglob("comp4_det_test_*.txt"))

@@ -14,11 +14,13 @@ import pytest
 from core.errors import DataError
 from proposals.recall import (
     IOU_THRESHOLDS,
+    LOC_IOU_THRESHOLDS,
     ProposalRecall,
     auc_grid,
     evaluate_proposals,
     gt_from_coco,
     gt_from_records,
+    localization_curves,
     log_auc,
     prepare_results,
     results_from_store,
@@ -86,6 +88,29 @@ def test_voc_difficult_neither_hit_nor_miss():
     gt2 = gt_from_records([rec("a", [A])], ["x"])
     assert ProposalRecall(gt2, [on_d, on_a], max_count=10, progress=False).ar(1) == \
         ProposalRecall(gt, [on_d, on_a], max_count=10, progress=False).ar(1) == 0.0
+
+
+def test_recall_against_iou_up_to_1():
+    """IoU thresholds .50:.05:1.00 (localisation plots): IoU 1 counts exact boxes only; AR is still the mean over
+    .50:.95, the same as without the extra threshold."""
+    A, B = [10, 10, 50, 50], [100, 20, 180, 90]
+    gt = gt_from_records([rec("000001", [A, B])], ["x"])
+    # A exactly (IoU 1), B at IoU 50.4 / 70 = .72 (hits at .5 .. .7)
+    res = [{"image_id": "000001", "bbox": xywh(A), "score": 1.0},
+           {"image_id": "000001", "bbox": xywh([100, 20, 180, 70.4]), "score": 0.9}]
+    pr = ProposalRecall(gt, res, max_count=10, progress=False, iou_thresholds=LOC_IOU_THRESHOLDS)
+    np.testing.assert_allclose(pr.recall(2), [1.0] * 5 + [0.5] * 6)
+    np.testing.assert_allclose(pr.recall(1), [0.5] * 11)
+    ref = ProposalRecall(gt, res, max_count=10, progress=False)
+    assert pr.ar(2) == ref.ar(2) == pytest.approx(0.75)
+    assert str(pr.summary((1, 2, 10))) == str(ref.summary((1, 2, 10)))  # (NaN S/M/L: no such objects)
+    loc = localization_curves(pr, counts=(1, 2, 100), grid=[1, 2, 10])
+    assert loc["iou"] == [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0]
+    assert set(loc["recall_vs_iou"]) == {"1", "2"} and loc["recall_vs_iou"]["2"][-1] == 0.5
+    assert loc["recall@0.5"] == [0.5, 1.0, 1.0] and loc["recall@0.7"] == [0.5, 1.0, 1.0]
+    assert loc["AR"] == [0.5, 0.75, 0.75]
+    with pytest.raises(ValueError, match="must include"):
+        ProposalRecall(gt, res, max_count=10, progress=False, iou_thresholds=[0.5, 1.0])
 
 
 def test_area_ranges_and_summary_keys():

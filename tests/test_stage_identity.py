@@ -226,3 +226,30 @@ def test_a_smaller_subset_recomputes_and_retrains(tiny):
     assert {"train_detector_deepmask", "train_detector_selective_search", "sweep"} <= set(s["stages_run"])
     assert "train_deepmask" not in s["stages_run"]
     assert {k: v for k, v in _checkpoints(root).items() if k.startswith("deepmask/")} == dm_before
+
+
+def test_an_imported_store_is_a_method_of_the_run(tiny, tmp_path):
+    """sweep.methods can name imported:<name>: the run trains its detector and sweeps it, never recomputes or moves
+    the store, and a second run skips everything."""
+    from core.datasets import VOCDataset
+    from core.store import ProposalStore
+    from proposals.importing import export_store, import_proposals
+
+    run, root, _ = tiny
+    base = ("deepmask.top_n=30", "detector.score_thresh=0.2", "data.test_images=2", "data.train_images=4")
+    run(*base)
+    cfg = load_config(str(root / "config.yaml"))
+    for split in ("trainval", "test"):
+        ds = VOCDataset(cfg.data.voc, split, max_images=4 if split == "trainval" else 2)
+        export_store(ProposalStore.open(root / "proposals" / f"selective_search_{split}"), tmp_path / f"{split}.npz",
+                     "npz")
+        import_proposals(tmp_path / f"{split}.npz", ds, root / "proposals" / f"imported:mine_{split}", name="mine",
+                         progress=False)
+    methods = "sweep.methods=[deepmask,selective_search,imported:mine]"
+    s = run(*base, methods)
+    assert set(s["stages_run"]) == {"train_detector_imported:mine", "sweep"}
+    assert {r["N"] for r in s["rows"] if r["method"] == "imported:mine"} == {10, 50}
+    assert (root / "detector_imported:mine" / "final.pt").is_file()
+    assert run(*base, methods)["stages_run"] == []
+    with pytest.raises(Exception, match="no proposal store"):
+        run(*base, "sweep.methods=[imported:other]")
