@@ -1,0 +1,175 @@
+"""The tiny run of the whole experiment (configs/shapes.yaml made tiny) and a fingerprint of what it produced.
+
+``TINY`` exercises the machinery, not the accuracy: tiny data, random-init small trunks, a few iterations.
+:func:`fingerprint` reduces a finished run folder to what must not move when code is reorganised: the proposals
+of every store (boxes, scores, masks), the weights of every trained model, the training curves without their
+timings, and the sweep's mAP per method, N and seed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = ROOT / "configs" / "shapes.yaml"
+
+TINY = [
+    "deepmask.trunk=small", "deepmask.pretrained=", "detector.trunk=small", "detector.pretrained=",
+    "data.synthetic_trainval=6", "data.synthetic_test=4", "data.synthetic_size=128",
+    "deepmask.iters=4", "deepmask.batch_size=8", "deepmask.val_every=2", "deepmask.val_batches=1",
+    "deepmask.checkpoint_every=2", "deepmask.workers=0", "deepmask.top_n=150", "deepmask.scale_min=-1",
+    "ss.workers=1", "ss.top_n=150",
+    "detector.iters=4", "detector.checkpoint_every=2", "detector.lr_steps=[3]", "detector.workers=0",
+    "detector.scales=[128]", "detector.test_scale=128", "sweep.counts=[10,100]", "sweep.seeds=[0,1]",
+]
+
+# history keys that are wall-clock measurements, not results
+TIMING_KEYS = ("images_per_s",)
+
+
+def tiny_overrides(out_dir, name: str = "tiny") -> list[str]:
+    return TINY + [f"out_dir={out_dir}", f"name={name}"]
+
+
+def versions() -> dict:
+    """The libraries whose kernels the numbers depend on (numbers move across versions and machines)."""
+    import cv2
+    import scipy
+    import skimage
+    import torch
+
+    return {"torch": torch.__version__, "numpy": np.__version__, "cv2": cv2.__version__, "scipy": scipy.__version__,
+            "skimage": skimage.__version__, "machine": platform.machine()}
+
+
+def _sha(h: "hashlib._Hash") -> str:
+    return h.hexdigest()[:16]
+
+
+def store_digest(path) -> str:
+    from core.store import ProposalStore
+
+    store = ProposalStore.open(path)
+    h = hashlib.sha1()
+    for i in store.image_ids:
+        p = store.get(i, masks=True)
+        h.update(str(i).encode() + b"\0")
+        h.update(np.ascontiguousarray(p.boxes, np.float32).tobytes())
+        h.update(np.ascontiguousarray(p.scores, np.float32).tobytes())
+        for r in p.masks or []:
+            h.update(r["counts"].encode())
+    return _sha(h)
+
+
+def weights_digest(ckpt_path) -> str:
+    """SHA-1 of a checkpoint's model state dict (names and bytes, in key order)."""
+    from core.io import load_checkpoint
+
+    h = hashlib.sha1()
+    for k, v in load_checkpoint(ckpt_path)["model"].items():
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(v.detach().cpu().numpy()).tobytes())
+    return _sha(h)
+
+
+def _untimed(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+def fingerprint(run) -> dict:
+    """What a finished tiny run produced, as plain JSON-able values (see the module docstring)."""
+    run = Path(run)
+    out: dict = {"stores": {}, "weights": {}, "curves": {}, "mAP": {}}
+    for d in sorted((run / "proposals").iterdir()):
+        out["stores"][d.name] = store_digest(d)
+    for name in ("best.pt", "last.pt"):
+        out["weights"][f"deepmask/{name}"] = weights_digest(run / "deepmask" / name)
+    out["curves"]["deepmask"] = json.loads((run / "deepmask" / "metrics.json").read_text())
+    for d in sorted(run.glob("detector_*")):
+        out["weights"][f"{d.name}/final.pt"] = weights_digest(d / "final.pt")
+        out["curves"][d.name] = _untimed(json.loads((d / "history.json").read_text()))
+    for m in sorted((run / "results").glob("*/top*/metrics.json")):
+        out["mAP"][f"{m.parent.parent.name}/{m.parent.name}"] = json.loads(m.read_text())["mAP"]
+    sweep = json.loads((run / "sweep.json").read_text())
+    out["sweep_rows"] = [{k: r[k] for k in ("method", "N", "seed", "mAP")} for r in sweep["seed_rows"]]
+    out["recall"] = sweep["recall"]
+    out["low_threshold"] = low_threshold_detections(run)
+    return out
+
+
+def low_threshold_detections(run) -> dict:
+    """The tiny detectors, a few iterations old, score nothing above the test threshold (0.05), so the sweep's mAP
+    is 0 everywhere. Tested again with no threshold, every detector gives detections to compare: per detector and
+    N, the mAP and a digest of detections.json; and the detections of one in-memory image (pipelines.detect's
+    path) with the proposal index of each."""
+    import dataclasses
+    import tempfile
+
+    from core.config import load_config
+    from core.datasets import VOCDataset
+    from detector.test import test_detector
+
+    run = Path(run)
+    cfg = load_config(str(run / "config.yaml"))
+    cfg = dataclasses.replace(cfg, detector=dataclasses.replace(cfg.detector, score_thresh=0.0))
+    test_ds = VOCDataset(cfg.data.voc, cfg.data.test_split)
+    out: dict = {}
+    for d in sorted(run.glob("detector_*")):
+        method = d.name.removeprefix("detector_").split("_seed")[0]
+        store = run / "proposals" / f"{method}_{test_ds.split}"
+        with tempfile.TemporaryDirectory() as res_dir:  # the run folder is left as it is
+            res = test_detector(d / "final.pt", store, test_ds, tops=[10, 100], out_dir=res_dir, cfg=cfg,
+                                progress=False)
+            for n in (10, 100):
+                text = (Path(res_dir) / f"top{n}" / "detections.json").read_bytes()
+                out[f"{d.name}/top{n}"] = {"mAP": res[n]["mAP"], "num_detections": res[n]["num_detections"],
+                                          "detections": hashlib.sha1(text).hexdigest()[:16]}
+    out["predict"] = _predict_digest(run, cfg, test_ds)
+    return out
+
+
+def _predict_digest(run, cfg, test_ds) -> dict:
+    from core.images import load_image
+    from core.store import ProposalStore
+    from detector.predict import predict
+    from detector.train import load_detector
+
+    model, _ = load_detector(run / "detector_deepmask" / "final.pt")
+    rec = test_ds.get(test_ds.image_ids[0])
+    props = ProposalStore.open(run / "proposals" / f"deepmask_{test_ds.split}").get(rec.image_id, masks=False).boxes
+    det = predict(model, load_image(rec.path), props, cfg.detector)
+    h = hashlib.sha1()
+    for k in ("boxes", "scores", "labels", "proposal"):
+        h.update(np.ascontiguousarray(det[k]).tobytes())
+    return {"detections": len(det["scores"]), "digest": _sha(h)}
+
+
+def run_tiny(out_dir, name: str = "tiny", progress: bool = False):
+    """The tiny experiment in this process (one thread, as the numbers were pinned); returns the run folder."""
+    import torch
+
+    from core.config import load_config
+    from pipelines.experiment import run_experiment
+
+    cfg = load_config(str(SHAPES), tiny_overrides(out_dir, name))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_experiment(cfg, progress=progress)
+    finally:
+        torch.set_num_threads(threads)
+    return Path(out_dir) / name
+
+
+if __name__ == "__main__":  # record: python tests/tiny_run.py OUT.json
+    import sys
+    import tempfile
+
+    sys.path.insert(0, str(ROOT))
+    with tempfile.TemporaryDirectory() as tmp:
+        doc = {"versions": versions(), "fingerprint": fingerprint(run_tiny(Path(tmp) / "runs"))}
+    Path(sys.argv[1]).write_text(json.dumps(doc, indent=1) + "\n")
