@@ -26,13 +26,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import math
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler
 from torchvision.ops import batched_nms
 from tqdm import tqdm
 
@@ -40,6 +39,7 @@ from core import distributed
 from core.errors import ConfigError, DataError, UserError, is_out_of_memory
 from core.images import load_image
 from core.io import read_json, write_json
+from core.training import make_loader
 
 from . import voc_eval
 from .model import FastRCNN
@@ -197,9 +197,7 @@ def test_detector(model_or_ckpt, store, dataset, tops: list[int], out_dir, cfg=N
 
     data = _TestImages(dataset, store, max_top, dcfg.test_scale, dcfg.max_size, model.mean, model.std)
     sampler = None if shard is None else DistributedSampler(data, num_replicas=shard[1], rank=shard[0], shuffle=False)
-    loader = DataLoader(data, batch_size=1, shuffle=False, sampler=sampler, num_workers=min(dcfg.workers, len(data)),
-                        collate_fn=_first, worker_init_fn=_worker_init if dcfg.workers else None,
-                        multiprocessing_context="spawn" if dcfg.workers else None)  # fork can deadlock
+    loader = make_loader(data, min(dcfg.workers, len(data)), 0, batch_size=1, sampler=sampler, collate_fn=_first)
     per_top = {n: {} for n in tops}  # N -> {image_id: (boxes, scores, labels)}
     n_props = {n: 0 for n in tops}
     num_proposals = {}  # image_id -> proposals used (shards)
@@ -380,13 +378,6 @@ def _coco_style(per_image: dict, classes) -> list[dict]:
                         "bbox": [round(box[0], 2), round(box[1], 2), round(box[2] - box[0], 2),
                                  round(box[3] - box[1], 2)], "score": round(float(score), 6)})
     return out
-
-
-def _worker_init(_):
-    import cv2
-
-    cv2.setNumThreads(1)
-    torch.set_num_threads(1)
 
 
 test_detector.__test__ = False  # not a pytest test, despite the name

@@ -31,33 +31,26 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
-import random
-import re
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm import tqdm
+from torch.utils.data import Dataset, Sampler
 
 from core import distributed
-from core.distributed import rng_state as _rng_state, set_rng_state as _set_rng_state
-from core.config import Config, save_config, section_hash, to_dict
+from core.config import Config, to_dict
 from core.errors import CheckpointError, ConfigError, DataError, UserError, is_out_of_memory
 from core.images import load_image
-from core.io import atomic_torch_save, load_checkpoint, write_json
+from core.io import load_checkpoint
+from core.training import CheckpointFiles, Training, check_identity, make_loader
 
 from .model import FastRCNN, build_detector
 from .sampling import sample_rois
 from .transforms import compute_scale, flip_boxes, flip_image, pad_batch, resize_image, to_tensor
 
 log = logging.getLogger(__name__)
-
-CKPT_RE = re.compile(r"^ckpt_(\d+)\.pt$")
-
 
 # ------------------------------------------------------------------------------------------------------- data
 def _seed_of(*parts: int) -> int:
@@ -195,13 +188,6 @@ def collate(samples: list[dict]) -> dict:
             "pos": [s["pos"] for s in samples]}
 
 
-def _worker_init(_):
-    import cv2
-
-    cv2.setNumThreads(1)
-    torch.set_num_threads(1)
-
-
 # ------------------------------------------------------------------------------------------------------- loss
 def detection_loss(cls_logits, bbox_deltas, labels, targets) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax log loss (mean over RoIs) and smooth L1 (beta 1) over the fg RoIs' class-specific deltas, summed and
@@ -229,9 +215,7 @@ def build_optimizer(model: torch.nn.Module, dcfg) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=dcfg.lr, momentum=dcfg.momentum)
 
 
-# ------------------------------------------------------------------------------------------------------- checkpoints
-
-
+# ------------------------------------------------------------------------------------------------------- identity
 def _train_fields(dcfg_or_cfg) -> dict:
     """The detector fields that change what is trained, except the resumable ones (iters): from the fields'
     metadata in core/config.py (test-time and bookkeeping settings are not among them)."""
@@ -261,16 +245,10 @@ def _with_new_defaults(old: dict | None) -> dict:
     return old
 
 
-def _same_identity(old: dict | None, new: dict) -> bool:
-    return old == new or _with_new_defaults(old) == new
+def checkpoint_files(out_dir) -> CheckpointFiles:
+    """A detector training folder's checkpoints: ``ckpt_<iteration>.pt``, the newest kept."""
+    return CheckpointFiles(out_dir, "ckpt_{}.pt")
 
-
-def latest_checkpoint(out_dir) -> Path | None:
-    out_dir = Path(out_dir)
-    if not out_dir.is_dir():
-        return None
-    found = [(int(m.group(1)), p) for p in out_dir.iterdir() if (m := CKPT_RE.match(p.name))]
-    return max(found)[1] if found else None
 
 
 def load_detector(ckpt, device: str = "cpu") -> tuple[FastRCNN, dict]:
@@ -302,17 +280,64 @@ def load_detector(ckpt, device: str = "cpu") -> tuple[FastRCNN, dict]:
 
 # ------------------------------------------------------------------------------------------------------- loop
 @contextlib.contextmanager
-def _name_out_of_memory(it: int, batch: dict, images: torch.Tensor, dcfg):
+def _name_out_of_memory(batch: dict, it: int, dcfg):
     """Out of memory in a training step -> a UserError naming the iteration, the images and the settings."""
     try:
         yield
     except Exception as e:
         if not is_out_of_memory(e):
             raise
+        images = batch["images"]
         raise UserError(f"iteration {it}: out of memory ({type(e).__name__}) on images {batch['image_ids']} "
                         f"(batch {images.shape[3]}x{images.shape[2]} px); lower detector.max_size (now "
                         f"{dcfg.max_size}) or detector.scales (now {dcfg.scales}), or detector.ims_per_batch / "
                         "detector.batch_rois") from None
+
+
+def batch_loss(device):
+    """The loss of one collated minibatch (:func:`collate`), ``(net, batch) -> (loss, stats)``, for
+    :class:`core.training.TrainStep`."""
+    def loss_fn(net, batch):
+        images = batch["images"].to(device, non_blocking=True)
+        cls_logits, deltas = net(images, batch["rois"].to(device))
+        loss_cls, loss_box = detection_loss(cls_logits, deltas, batch["labels"].to(device),
+                                            batch["targets"].to(device))
+        return loss_cls + loss_box, {"loss_cls": loss_cls, "loss_box": loss_box}
+
+    return loss_fn
+
+
+class _History:
+    """Per-iteration records (over the global minibatch), and every ``log_every`` iterations a history entry: their
+    means since the previous entry (single-minibatch losses are noisy) and the images per second."""
+
+    MEANS = ("loss", "loss_cls", "loss_box", "num_rois", "num_fg", "fc6_active")
+
+    def __init__(self, run: Training, stop: int):
+        self.run, self.stop = run, stop
+        self.every = max(1, run.scfg.log_every)
+        self.losses, self.window = [], []
+        self.t0, self.n_img = time.time(), 0
+
+    def __call__(self, it, batch, loss, stats, bar):
+        model, history = self.run.model, self.run.history
+        self.n_img += batch["images"].shape[0]
+        rec = {"iter": it, "loss": loss.item(), "loss_cls": stats["loss_cls"].item(),
+               "loss_box": stats["loss_box"].item(), "num_rois": int(batch["labels"].numel()),
+               "num_fg": int(batch["num_fg"]), "fc6_active": float(getattr(model, "fc6_active", float("nan"))),
+               "lr": self.run.optimizer.param_groups[0]["lr"]}
+        rec = distributed.reduce_for_logging(rec, mean_keys=("loss", "loss_cls", "loss_box"),
+                                             sum_keys=("num_rois", "num_fg"))
+        self.losses.append(rec)
+        self.window.append(rec)
+        if it % self.every == 0 or it == self.stop:
+            dt = time.time() - self.t0
+            mean = {k: float(np.mean([r[k] for r in self.window])) for k in self.MEANS}
+            history.append(dict(rec, **mean, images_per_s=self.n_img / max(dt, 1e-9), window=len(self.window)))
+            self.t0, self.n_img, self.window = time.time(), 0, []
+            log.debug("iter %d: %s", it, history[-1])
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", cls=f"{rec['loss_cls']:.3f}", box=f"{rec['loss_box']:.3f}",
+                        ims=f"{history[-1]['images_per_s']:.1f}/s" if history else "-")
 
 
 def train_detector(cfg: Config, store, dataset, out_dir, top: int | None = None,
@@ -336,155 +361,47 @@ def train_detector(cfg: Config, store, dataset, out_dir, top: int | None = None,
 
     store_obj = ProposalStore.open(store) if isinstance(store, (str, Path)) else store
     store_obj.check(dataset.name, dataset.split)
-    ident = _identity(cfg, str(getattr(store_obj, "path", store)), top, dataset.classes)
+    store_path = getattr(store_obj, "path", store)
+    ident = _identity(cfg, str(store_path), top, dataset.classes)
 
     final = out_dir / "final.pt"
     if final.is_file():
         ck = load_checkpoint(final)
-        if _same_identity(ck.get("identity"), ident) and ck.get("iteration") == dcfg.iters:
+        if _with_new_defaults(ck.get("identity")) == ident and ck.get("iteration") == dcfg.iters:
             log.info("%s exists for this config; training skipped", final)
             return {"final": str(final), "iteration": dcfg.iters, "losses": []}
 
-    distributed.init()
-    device = distributed.device(cfg.device)
-    main, W = distributed.is_main(), distributed.world_size()
-    progress = progress and main
-    lr_mult = distributed.lr_factor(dcfg.lr_scaling, "detector.lr_scaling")
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed % 2**32)
-    random.seed(cfg.seed)
-    model = build_detector(dcfg, len(dataset.classes)).to(device)
-    distributed.seed_rank_rng(cfg.seed)  # same initial weights on every rank, then per-rank dropout
-    optimizer = build_optimizer(model, dataclasses.replace(dcfg, lr=dcfg.lr * lr_mult) if lr_mult != 1 else dcfg)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(dcfg.lr_steps), gamma=dcfg.gamma)
-    start, history = 0, []
-
-    ckpt_path = latest_checkpoint(out_dir)
-    if ckpt_path is not None:
-        ck = load_checkpoint(ckpt_path)
-        if not _same_identity(ck.get("identity"), ident):
-            old = _with_new_defaults(ck.get("identity"))
-            diff = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k))
-            if "detector" in diff:
-                diff.remove("detector")
-                od, nd = old.get("detector", {}), ident["detector"]
-                diff += [f"detector.{k}" for k in sorted(set(od) | set(nd)) if od.get(k) != nd.get(k)]
-            raise CheckpointError(f"{ckpt_path}: checkpoint was trained with a different {', '.join(diff)}; "
-                                  f"use another --out (or delete {out_dir})")
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        start = int(ck["iteration"])
-        history = list(ck.get("history", []))
-        _set_rng_state(distributed.rank_rng_state(ck.get("rng_ranks"), ck["rng"]))
-        log.info("resumed from %s at iteration %d", ckpt_path, start)
-    if main:
-        save_config(cfg, out_dir / "config.yaml")
+    run = Training(cfg, "detector", checkpoint_files(out_dir), progress=progress, desc="train fast-rcnn")
+    model = run.setup(
+        build_detector(dcfg, len(dataset.classes)),
+        lambda m, mult: build_optimizer(m, dataclasses.replace(dcfg, lr=dcfg.lr * mult) if mult != 1 else dcfg),
+        lambda opt: torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(dcfg.lr_steps), gamma=dcfg.gamma))
+    run.resume(lambda ck, path: check_identity(path, _with_new_defaults(ck.get("identity")), ident))
+    run.save_config()
 
     entries = TrainEntries(dataset, dcfg.use_difficult)
-    stream = TrainStream(entries, getattr(store_obj, "path", store), top, dcfg, model.mean, model.std, cfg.seed)
+    stream = TrainStream(entries, store_path, top, dcfg, model.mean, model.std, cfg.seed)
     stop = dcfg.iters if stop_after is None else min(dcfg.iters, int(stop_after))
     B = dcfg.ims_per_batch
     log.info("training Fast R-CNN (%s) on %d images (%d entries/epoch with flips), iterations %d -> %d, "
-             "%d images x %d RoIs, top %s proposals", dcfg.trunk, len(entries), stream.per_epoch, start, stop, B,
+             "%d images x %d RoIs, top %s proposals", dcfg.trunk, len(entries), stream.per_epoch, run.start, stop, B,
              dcfg.batch_rois // B, top or "all")
-
     norm = [list(model.trunk.mean), list(model.trunk.std)]
+    kept = {"classes": list(dataset.classes), "identity": ident, "trunk_norm": norm}
 
-    def save(it: int) -> Path:
-        bad = next((n for n, w in model.state_dict().items() if w.is_floating_point() and not w.isfinite().all()),
-                   None)
-        if bad is not None:  # never write a diverged model over the last good checkpoint
-            raise DataError(f"training diverged by iteration {it} (non-finite weights in {bad}): lower detector.lr "
-                            f"(now {dcfg.lr:g}); the last good checkpoint {latest_checkpoint(out_dir) or '(none yet)'}"
-                            " is kept")
-        rng_ranks = distributed.all_gather_object(_rng_state())  # None in a single process
-        if not main:  # rank 0 writes; the others wait
-            distributed.barrier()
-            return None
-        extra = {"rng_ranks": rng_ranks, "world_size": W} if rng_ranks is not None else {}
-        p = out_dir / f"ckpt_{it}.pt"
-        atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                           "scheduler": scheduler.state_dict(), "iteration": it, "config": to_dict(cfg),
-                           "classes": list(dataset.classes), "identity": ident, "rng": _rng_state(), "trunk_norm": norm,
-                           "history": history, **extra}, p)
-        write_json(out_dir / "history.json", history)
-        for old in out_dir.iterdir():  # keep only the newest checkpoint (VGG16 + momentum: ~1 GB each)
-            m = CKPT_RE.match(old.name)
-            if m and int(m.group(1)) < it:
-                old.unlink(missing_ok=True)
-        distributed.barrier()
-        return p
-
-    losses = []
-    if start < stop:
-        net = distributed.wrap_ddp(model, device)
-        r = distributed.rank()  # rank r: every W-th position of the global stream (W = 1: start*B .. stop*B-1)
-        loader = DataLoader(stream, batch_size=B, sampler=PositionSampler(start * B * W + r, stop * B * W, W),
-                            collate_fn=collate,
-                            num_workers=dcfg.workers, worker_init_fn=_worker_init if dcfg.workers else None,
-                            # spawn: forking a parent that holds OpenMP/OpenCV thread pools can deadlock
-                            multiprocessing_context="spawn" if dcfg.workers else None,
-                            prefetch_factor=4 if dcfg.workers else None, persistent_workers=False,
-                            # own generator: creating the loader must not consume the global RNG (exact resume)
-                            generator=torch.Generator().manual_seed(cfg.seed))
+    history = _History(run, stop)
+    if run.start < stop:
+        W, r = distributed.world_size(), distributed.rank()
+        # rank r: every W-th position of the global stream (W = 1: start*B .. stop*B-1)
+        loader = make_loader(stream, dcfg.workers, cfg.seed, batch_size=B, collate_fn=collate,
+                             sampler=PositionSampler(run.start * B * W + r, stop * B * W, W))
         model.train()
-        bar = tqdm(total=dcfg.iters, initial=start, desc="train fast-rcnn", unit="it", disable=not progress,
-                   dynamic_ncols=True)
-        it = start
-        t0, n_img, window = time.time(), 0, []
-        for batch in loader:
-            images = batch["images"].to(device, non_blocking=True)
-            rois = batch["rois"].to(device)
-            labels = batch["labels"].to(device)
-            targets = batch["targets"].to(device)
-            with _name_out_of_memory(it + 1, batch, images, dcfg):
-                cls_logits, deltas = net(images, rois)
-                loss_cls, loss_box = detection_loss(cls_logits, deltas, labels, targets)
-                loss = loss_cls + loss_box
-                if not torch.isfinite(loss):  # stop before the step: the checkpoints on disk stay good
-                    raise DataError(f"training diverged at iteration {it + 1} (loss {loss.item()}; images "
-                                    f"{batch['image_ids']}): lower detector.lr (now {dcfg.lr:g}); the last good "
-                                    f"checkpoint {latest_checkpoint(out_dir) or '(none yet)'} is kept")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-            optimizer.step()
-            scheduler.step()
-            it += 1
-            n_img += images.shape[0]
-            rec = {"iter": it, "loss": loss.item(), "loss_cls": loss_cls.item(), "loss_box": loss_box.item(),
-                   "num_rois": int(labels.numel()), "num_fg": int(batch["num_fg"]),
-                   "fc6_active": float(getattr(model, "fc6_active", float("nan"))),
-                   "lr": optimizer.param_groups[0]["lr"]}
-            rec = distributed.reduce_for_logging(rec, mean_keys=("loss", "loss_cls", "loss_box"),
-                                                 sum_keys=("num_rois", "num_fg"))  # global minibatch
-            losses.append(rec)
-            window.append(rec)
-            if it % max(1, dcfg.log_every) == 0 or it == stop:
-                dt = time.time() - t0
-                # history: means over the iterations since the last entry (single-minibatch losses are noisy)
-                mean = {k: float(np.mean([r[k] for r in window])) for k in ("loss", "loss_cls", "loss_box",
-                                                                            "num_rois", "num_fg", "fc6_active")}
-                history.append(dict(rec, **mean, images_per_s=n_img / max(dt, 1e-9), window=len(window)))
-                t0, n_img, window = time.time(), 0, []
-                log.debug("iter %d: %s", it, history[-1])
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", cls=f"{rec['loss_cls']:.3f}", box=f"{rec['loss_box']:.3f}",
-                            ims=f"{history[-1]['images_per_s']:.1f}/s" if history else "-")
-            bar.update(1)
-            if it % max(1, dcfg.checkpoint_every) == 0 or it == stop:
-                save(it)
-        bar.close()
-        start = it
+        step = run.step(run.wrap(), batch_loss(run.device), guard=lambda b, it: _name_out_of_memory(b, it, dcfg),
+                        describe=lambda b: f"images {b['image_ids']}")
+        run.loop(loader, step, stop, after_step=history, checkpoint_every=max(1, dcfg.checkpoint_every),
+                 state=lambda it: kept)
 
-    if start >= dcfg.iters:
-        replicas = distributed.replica_check(model)  # None in a single process
-        if main:
-            extra = {"distributed": replicas} if replicas is not None else {}
-            atomic_torch_save({"model": model.state_dict(), "iteration": start, "config": to_dict(cfg),
-                               "trunk_norm": norm, "classes": list(dataset.classes), "identity": ident,
-                               "history": history, **extra}, final)
-            write_json(out_dir / "history.json", history)
-            log.info("wrote %s", final)
-        distributed.barrier()
-        return {"final": str(final), "iteration": start, "losses": losses}
-    return {"final": None, "iteration": start, "losses": losses}
+    if run.start >= dcfg.iters:
+        run.write_final(final, {"model": model.state_dict(), "iteration": run.start, "config": to_dict(cfg), **kept})
+        return {"final": str(final), "iteration": run.start, "losses": history.losses}
+    return {"final": None, "iteration": run.start, "losses": history.losses}

@@ -360,9 +360,10 @@ def _m_train_deepmask(spec: dict) -> dict:
     import torch
 
     from core.config import CocoSource
+    from core.training import TrainStep
     from proposals.deepmask.model import build_deepmask
     from proposals.deepmask.sampler import pad_rgb_for
-    from proposals.deepmask.train import _to_input, build_samplers, deepmask_loss
+    from proposals.deepmask.train import batch_loss, build_samplers
 
     cfg = _cfg_of(spec)
     syn = Path(spec["synthetic"])
@@ -374,6 +375,7 @@ def _m_train_deepmask(spec: dict) -> dict:
     torch.manual_seed(0)
     model = build_deepmask(dm, pretrained=False).to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=dm.lr, momentum=dm.momentum, weight_decay=dm.weight_decay)
+    step = TrainStep(model, opt, batch_loss(model, dm, device))  # the training's own iteration
     sampler, _ = build_samplers(cfg, pad_rgb_for(dm.pad_color, model.trunk.mean))
     clock = _Clock(spec["device"])
     steps, data, sizes, kinds = [], [], [], []
@@ -381,14 +383,7 @@ def _m_train_deepmask(spec: dict) -> dict:
         t0 = clock()
         batch = sampler.batch(it)
         t1 = clock()
-        x = _to_input(model, batch["images"], device)
-        mk, sc = model(x)
-        loss, _ = deepmask_loss(mk, sc, batch["masks"].to(device), batch["labels"].to(device), batch["kind"],
-                                dm.score_weight, dm.patch_size)
-        opt.zero_grad(set_to_none=True)
-        if loss.requires_grad:
-            loss.backward()
-            opt.step()
+        step(batch, it)
         t2 = clock()
         if it >= spec["warmup"]:
             steps.append(t2 - t1)
@@ -405,7 +400,8 @@ def _m_train_frcnn(spec: dict) -> dict:
 
     from core.datasets import VOCDataset
     from detector.model import build_detector
-    from detector.train import TrainEntries, TrainStream, build_optimizer, collate, detection_loss
+    from core.training import TrainStep
+    from detector.train import TrainEntries, TrainStream, batch_loss, build_optimizer, collate
 
     cfg = _cfg_of(spec)
     dcfg = dataclasses.replace(cfg.detector, trunk=spec["trunk"], pretrained="", workers=0)
@@ -413,7 +409,7 @@ def _m_train_frcnn(spec: dict) -> dict:
     device = torch.device(spec["device"])
     torch.manual_seed(0)
     model = build_detector(dcfg, len(dataset.classes), pretrained="").to(device).train()
-    opt = build_optimizer(model, dcfg)
+    step = TrainStep(model, build_optimizer(model, dcfg), batch_loss(device))  # the training's own iteration
     stream = TrainStream(TrainEntries(dataset, dcfg.use_difficult), spec["store"], dcfg.train_top, dcfg,
                          model.mean, model.std, 0)
     clock = _Clock(spec["device"])
@@ -423,19 +419,13 @@ def _m_train_frcnn(spec: dict) -> dict:
         t0 = clock()
         batch = collate([stream[p] for p in range(it * B, (it + 1) * B)])
         t1 = clock()
-        images = batch["images"].to(device)
-        cls_logits, deltas = model(images, batch["rois"].to(device))
-        loss_cls, loss_box = detection_loss(cls_logits, deltas, batch["labels"].to(device),
-                                            batch["targets"].to(device))
-        opt.zero_grad(set_to_none=True)
-        (loss_cls + loss_box).backward()
-        opt.step()
+        step(batch, it)
         t2 = clock()
         if it >= spec["warmup"]:
             steps.append(t2 - t1)
             data.append(t1 - t0)
-            sizes.append(int(images.shape[0]))
-            shapes.append(list(images.shape[2:]))
+            sizes.append(int(batch["images"].shape[0]))
+            shapes.append(list(batch["images"].shape[2:]))
     return {"per_item": steps, "items": sizes, "unit": "images/s", "detail": {
         "trunk": dcfg.trunk, "ims_per_batch": B, "batch_rois": dcfg.batch_rois, "fc_dim": dcfg.fc_dim,
         "input_hw": shapes[:2], "step_s_median": float(np.median(steps)),

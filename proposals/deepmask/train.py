@@ -31,27 +31,25 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from core import distributed
-from core.distributed import rng_state as _rng_state, set_rng_state as _set_rng_state
-from core.config import DM_TRAIN, Config, save_config, to_dict, values_for
+from core.config import DM_TRAIN, Config, values_for
 from core.errors import CheckpointError, ConfigError, DataError
-from core.io import atomic_torch_save, load_checkpoint, write_json
+from core.io import load_checkpoint
+from core.training import CheckpointFiles, Training, check_identity, make_loader
 
 from .model import DeepMask, build_deepmask, upsample_masks
 from .sampler import PatchSampler, PatchStream, SamplerParams, load_records, pad_rgb_for, split_holdout
 
 log = logging.getLogger(__name__)
 
-__all__ = ["deepmask_loss", "train_deepmask", "evaluate", "build_samplers"]
+__all__ = ["deepmask_loss", "batch_loss", "to_input", "train_deepmask", "evaluate", "build_samplers"]
 
 # ------------------------------------------------------------------------------------------------ loss
 def deepmask_loss(mask_logits: torch.Tensor, scores: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,
@@ -106,7 +104,8 @@ def fixed_val_batches(sampler: PatchSampler, n: int) -> list[dict]:
     return [sampler.batch(t, kind="joint") for t in range(max(1, n))]
 
 
-def _to_input(model: DeepMask, images: torch.Tensor, device) -> torch.Tensor:
+def to_input(model: DeepMask, images: torch.Tensor, device) -> torch.Tensor:
+    """A batch of uint8 (B,H,W,3) patches as the model's normalised float input on ``device``."""
     x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
     return model.normalize(x)
 
@@ -120,7 +119,7 @@ def evaluate(model: DeepMask, batches: list[dict], device, threshold: float, sco
     ious, correct, n, mask_l, score_l = [], 0, 0, [], []
     logit_thr = math.log(threshold / (1 - threshold))
     for b in batches:
-        x = _to_input(model, b["images"], device)
+        x = to_input(model, b["images"], device)
         labels = b["labels"].to(device)
         masks = b["masks"].to(device)
         mk, sc = model(x)
@@ -144,8 +143,6 @@ def evaluate(model: DeepMask, batches: list[dict], device, threshold: float, sco
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
-
-
 def training_identity(cfg: Config) -> dict:
     """What a checkpoint must share with the config resuming it: the fields that affect DeepMask's training
     (core/config.py metadata) except the resumable ones (iters, val_every), and the seed."""
@@ -161,158 +158,103 @@ def _check_resumable(ckpt: dict, cfg: Config, path: Path) -> None:
         old = training_identity(from_dict(ckpt.get("config") or {}))
     except ConfigError as e:
         raise CheckpointError(f"{path}: its config does not load ({e})") from None
-    new = training_identity(cfg)
-    for k in sorted(set(old) | set(new)):
-        if old.get(k) != new.get(k):
-            raise CheckpointError(f"{path}: was trained with {k}={old.get(k)!r}, the config says {new.get(k)!r}; "
-                                  f"use another output folder (--out) to train anew")
+    check_identity(path, old, training_identity(cfg))
+
+
+def checkpoint_files(out_dir) -> CheckpointFiles:
+    """A DeepMask training folder's checkpoints: ``last.pt`` (resumes) and ``best.pt`` (best by validation)."""
+    return CheckpointFiles(out_dir, "last.pt", best="best.pt")
 
 
 def _lr_at(dm, it: int) -> float:
     return dm.lr * dm.gamma ** sum(1 for s in dm.lr_steps if it >= s)
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
-    torch.manual_seed(seed)
-
-
 # ------------------------------------------------------------------------------------------------ training
+def batch_loss(model: DeepMask, dm, device):
+    """The loss of one training batch (sampler.PatchSampler.batch), ``(net, batch) -> (loss, stats)`` for
+    :class:`core.training.TrainStep`; ``net`` is ``model`` or its DistributedDataParallel wrapper."""
+    def loss_fn(net, batch):
+        mk, sc = net(to_input(model, batch["images"], device))
+        loss, st = deepmask_loss(mk, sc, batch["masks"].to(device), batch["labels"].to(device), batch["kind"],
+                                 dm.score_weight, dm.patch_size)
+        if net is not model and not loss.requires_grad:  # DDP: every rank must join the backward
+            loss = loss + 0.0 * (mk.sum() + sc.sum())
+        return loss, st
+
+    return loss_fn
+
+
+class _RunningStats:
+    """Running means of the batch losses over the global batch, shown on the progress bar."""
+
+    def __init__(self):
+        self.run, self.t0, self.n = {}, time.time(), 0
+
+    def __call__(self, it, batch, loss, st, bar):
+        self.n += len(batch["labels"])
+        st = distributed.reduce_for_logging(st, mean_keys=sorted(st))  # global batch (same keys on all ranks)
+        for k, v in st.items():
+            self.run[k] = v if k not in self.run else 0.95 * self.run[k] + 0.05 * v
+        bar.set_postfix({**{k: f"{v:.3f}" for k, v in self.run.items()},
+                         "patch/s": f"{self.n / max(time.time() - self.t0, 1e-9):.1f}"}, refresh=False)
+
+
 def train_deepmask(cfg: Config, out_dir, progress: bool = True, resume: bool = True) -> dict:
     """Train (or resume, or skip when finished) DeepMask into ``out_dir``. Returns {'best': path, 'last': path,
     'iteration': int, 'metrics': last validation}."""
     dm = cfg.deepmask
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
-    distributed.init()
-    device = distributed.device(cfg.device)
-    main = distributed.is_main()
-    progress = progress and main
-    lr_mult = distributed.lr_factor(dm.lr_scaling, "deepmask.lr_scaling")
-    _seed_everything(cfg.seed)
-
-    model = build_deepmask(dm).to(device)
-    distributed.seed_rank_rng(cfg.seed)  # same initial weights on every rank, then per-rank dropout
+    ckpts = checkpoint_files(out_dir)
+    last_path, best_path = ckpts.path(0), ckpts.best
+    run = Training(cfg, "deepmask", ckpts, history_file="metrics.json", progress=progress, desc="deepmask",
+                   what="deepmask training")
     # §3.4: plain SGD, lr 1e-3, momentum 0.9, weight decay 5e-5 on every parameter.
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=dm.lr, momentum=dm.momentum, weight_decay=dm.weight_decay)
-    start, best, history = 0, -math.inf, []
-    if resume and last_path.is_file():
-        ckpt = load_checkpoint(last_path)
-        _check_resumable(ckpt, cfg, last_path)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start = int(ckpt["iteration"])
-        best = float(ckpt.get("best", -math.inf))
-        history = list(ckpt.get("history", []))
-        _set_rng_state(distributed.rank_rng_state(ckpt.get("rng_ranks"), ckpt["rng"]))
-        log.info("deepmask: resuming %s at iteration %d", last_path, start)
-        if start >= dm.iters and best_path.is_file():
-            log.info("deepmask: %s is complete (%d iterations); nothing to do", out_dir, start)
-            return {"best": str(best_path), "last": str(last_path), "iteration": start,
-                    "metrics": history[-1] if history else {}}
-    if main:
-        save_config(cfg, out_dir / "config.yaml")
+    model = run.setup(build_deepmask(dm), lambda m, mult: torch.optim.SGD(
+        [p for p in m.parameters() if p.requires_grad], lr=dm.lr, momentum=dm.momentum, weight_decay=dm.weight_decay))
+
+    def result():
+        return {"best": str(best_path), "last": str(last_path), "iteration": run.start,
+                "metrics": run.history[-1] if run.history else {}}
+
+    if resume and run.resume(lambda ck, path: _check_resumable(ck, cfg, path)) is not None:
+        if run.start >= dm.iters and best_path.is_file():
+            log.info("deepmask: %s is complete (%d iterations); nothing to do", out_dir, run.start)
+            return result()
+    run.save_config()
 
     pad = pad_rgb_for(dm.pad_color, model.trunk.mean)
     train_sampler, val_sampler = build_samplers(cfg, pad)
-    val_batches = fixed_val_batches(val_sampler, dm.val_batches) if main else []  # rank 0 validates
+    val_batches = fixed_val_batches(val_sampler, dm.val_batches) if run.main else []  # rank 0 validates
     log.info("deepmask: %d training positives in %d images; %d validation patches; trunk %s; %.1fM parameters",
              len(train_sampler), len(train_sampler.records), sum(len(b["labels"]) for b in val_batches), dm.trunk,
              sum(p.numel() for p in model.parameters()) / 1e6)
 
-    def save(it: int, metrics: dict | None) -> None:
-        nonlocal best
-        bad = next((n for n, w in model.state_dict().items() if w.is_floating_point() and not w.isfinite().all()),
-                   None)
-        if bad is not None:  # never write a diverged model over the last good checkpoint
-            raise DataError(f"deepmask training diverged by iteration {it} (non-finite weights in {bad}): lower "
-                            f"deepmask.lr (now {dm.lr:g}); the last good checkpoint "
-                            f"{last_path if last_path.is_file() else '(none yet)'} is kept")
-        rng_ranks = distributed.all_gather_object(_rng_state())  # None in a single process
-        replicas = distributed.replica_check(model)
-        if not main:  # rank 0 writes; the others wait
-            distributed.barrier()
-            return
-        ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": it,
-                "config": to_dict(cfg), "rng": _rng_state(), "sampler": {"seed": train_sampler.seed, "next_batch": it},
-                "best": best, "history": history}
-        if rng_ranks is not None:
-            ckpt.update(rng_ranks=rng_ranks, distributed=replicas)
-        if metrics is not None and (metrics["val_metric"] > best or not best_path.is_file()):
-            best = max(best, metrics["val_metric"])
-            ckpt["best"] = best
-            atomic_torch_save(ckpt, best_path)
-            log.info("deepmask: new best %.4f at iteration %d -> %s", best, it, best_path)
-        atomic_torch_save(ckpt, last_path)
-        distributed.barrier()
-
     # alternate batches train one branch each: DDP must allow parameters without gradient
-    net = distributed.wrap_ddp(model, device, find_unused_parameters=dm.batch_mode != "joint")
+    net = run.wrap(find_unused_parameters=dm.batch_mode != "joint")
     model.train()
-    if start < dm.iters:
-        # A dedicated generator keeps the DataLoader from drawing on the global torch RNG (exact resumption).
-        loader = torch.utils.data.DataLoader(
-            PatchStream(train_sampler, start, distributed.rank(), distributed.world_size()), batch_size=None,
-            num_workers=dm.workers,
-            generator=torch.Generator().manual_seed(cfg.seed), persistent_workers=False,
-            prefetch_factor=4 if dm.workers > 0 else None,
-            # spawn: forking a parent that holds OpenMP/OpenCV thread pools can deadlock
-            multiprocessing_context="spawn" if dm.workers > 0 else None)
-        bar = tqdm(total=dm.iters, initial=start, desc="deepmask", unit="it", disable=not progress, dynamic_ncols=True)
-        run = {}
-        t0, n_patches = time.time(), 0
-        it = start
-        metrics = None
-        for batch in loader:
-            if it >= dm.iters:
-                break
+    if run.start < dm.iters:
+        loader = make_loader(PatchStream(train_sampler, run.start, distributed.rank(), distributed.world_size()),
+                             dm.workers, cfg.seed, batch_size=None, single_threaded_workers=False)
+
+        def before_step(it, batch):
             assert batch["index"] == it, (batch["index"], it)
-            for g in optimizer.param_groups:
-                g["lr"] = _lr_at(dm, it) * lr_mult
-            x = _to_input(model, batch["images"], device)
-            mk, sc = net(x)
-            loss, st = deepmask_loss(mk, sc, batch["masks"].to(device), batch["labels"].to(device), batch["kind"],
-                                     dm.score_weight, dm.patch_size)
-            if not torch.isfinite(loss):  # stop before the step: the checkpoints on disk stay good
-                raise DataError(f"deepmask training diverged at iteration {it + 1} ({batch['kind']} batch, loss "
-                                f"{loss.item()}): lower deepmask.lr (now {dm.lr:g}); the last good checkpoint "
-                                f"{last_path if last_path.is_file() else '(none yet)'} is kept")
-            optimizer.zero_grad(set_to_none=True)
-            if net is not model and not loss.requires_grad:  # DDP: every rank must join the backward
-                loss = loss + 0.0 * (mk.sum() + sc.sum())
-            if loss.requires_grad:
-                loss.backward()
-                optimizer.step()
-            it += 1
-            n_patches += len(batch["labels"])
-            st = distributed.reduce_for_logging(st, mean_keys=sorted(st))  # global batch (same keys on all ranks)
-            for k, v in st.items():
-                run[k] = v if k not in run else 0.95 * run[k] + 0.05 * v
-            bar.update(1)
-            bar.set_postfix({**{k: f"{v:.3f}" for k, v in run.items()},
-                             "patch/s": f"{n_patches / max(time.time() - t0, 1e-9):.1f}"}, refresh=False)
-            metrics = None
-            if (dm.val_every and it % dm.val_every == 0) or it == dm.iters:
-                if main:
-                    metrics = evaluate(model, val_batches, device, dm.val_mask_threshold, dm.score_weight)
-                    metrics["iteration"] = it
-                metrics = distributed.broadcast_object(metrics)  # the others wait for rank 0's validation
-                history.append(metrics)
-                if main:
-                    write_json(out_dir / "metrics.json", history, indent=1)
-                log.info("deepmask it %d: val mask IoU %.4f, score acc %.4f (mask loss %.4f, score loss %.4f)",
-                         it, metrics["mask_iou"], metrics["score_acc"], metrics["mask_loss"], metrics["score_loss"])
-            if (dm.checkpoint_every and it % dm.checkpoint_every == 0) or it == dm.iters or metrics is not None:
-                save(it, metrics)
-        bar.close()
+            for g in run.optimizer.param_groups:
+                g["lr"] = _lr_at(dm, it) * run.lr_mult
+
+        def validate(it):
+            m = evaluate(model, val_batches, run.device, dm.val_mask_threshold, dm.score_weight)
+            log.info("deepmask it %d: val mask IoU %.4f, score acc %.4f (mask loss %.4f, score loss %.4f)",
+                     it, m["mask_iou"], m["score_acc"], m["mask_loss"], m["score_loss"])
+            return m
+
+        step = run.step(net, batch_loss(model, dm, run.device), describe=lambda b: f"{b['kind']} batch")
+        run.loop(loader, step, dm.iters, before_step=before_step, after_step=_RunningStats(), validate=validate,
+                 validate_every=dm.val_every, checkpoint_every=dm.checkpoint_every,
+                 state=lambda it: {"sampler": {"seed": train_sampler.seed, "next_batch": it}})
         del loader
-    else:
-        it = start
-    return {"best": str(best_path), "last": str(last_path), "iteration": it,
-            "metrics": history[-1] if history else {}}
+    return result()
 
 
 def load_deepmask(checkpoint, device="cpu") -> tuple[DeepMask, Config]:
