@@ -61,11 +61,17 @@ def decode_rles(rles: list[dict]) -> np.ndarray:
     return m.transpose(2, 0, 1).astype(bool)
 
 
-def clip_boxes(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
-    boxes = np.array(boxes, dtype=np.float32, copy=True)
-    boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
-    boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
-    return boxes
+def clip_boxes(boxes, height: float, width: float):
+    """``(..., 4)`` boxes clipped to the image ``[0, width] x [0, height]`` (0-based edges), in the (height, width)
+    order of torchvision.ops.clip_boxes_to_image, which does it; a tensor gives a tensor, anything else a float32
+    numpy array."""
+    import torch
+    from torchvision.ops import clip_boxes_to_image
+
+    if isinstance(boxes, torch.Tensor):
+        return clip_boxes_to_image(boxes, (height, width))
+    boxes = np.asarray(boxes, np.float32)
+    return clip_boxes_to_image(torch.from_numpy(boxes), (height, width)).numpy()
 
 
 def box_area(boxes: np.ndarray) -> np.ndarray:
@@ -81,12 +87,6 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     inter = (rb - lt).clip(0).prod(axis=2)
     union = box_area(a)[:, None] + box_area(b)[None, :] - inter
     return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
-
-
-def xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
-    boxes = np.asarray(boxes, np.float32).reshape(-1, 4).copy()
-    boxes[:, 2:] -= boxes[:, :2]
-    return boxes
 
 
 def xywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:

@@ -15,6 +15,13 @@ from .errors import ImageError
 
 Image.MAX_IMAGE_PIXELS = 20000 * 20000  # allow big photographs, still refuse decompression bombs
 
+IMAGE_EXT = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"})  # what a folder offers
+
+
+def image_files(folder) -> list[Path]:
+    """The image files of ``folder`` (by extension, any case), sorted by name."""
+    return sorted(q for q in Path(folder).iterdir() if q.suffix.lower() in IMAGE_EXT and q.is_file())
+
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):

@@ -19,15 +19,19 @@ import torch.nn as nn
 from torchvision.ops import RoIPool
 
 from core.backbones import build_trunk, freeze_early_layers, vgg16_fc_head
+from core.errors import CheckpointError
+
+from .sampling import BoxCoder
 
 log = logging.getLogger(__name__)
 
 
 class FastRCNN(nn.Module):
     def __init__(self, trunk: nn.Module, num_classes: int, fc6: nn.Module, fc7: nn.Module, fc_dim: int,
-                 dropout: float = 0.5, roi_size: int = 7):
+                 dropout: float = 0.5, roi_size: int = 7, box_coder: BoxCoder | None = None):
         super().__init__()
         self.trunk = trunk
+        self.box_coder = box_coder or BoxCoder()  # the regression targets' normalisation it is trained with
         self.num_classes = int(num_classes)  # object classes, background excluded
         self.roi_size = int(roi_size)
         self.spatial_scale = 1.0 / trunk.stride
@@ -124,9 +128,71 @@ def build_detector(dcfg, num_classes: int, pretrained: str | None = None, frozen
         for fc in (fc6, fc7):
             nn.init.normal_(fc.weight, 0.0, 0.01)
             nn.init.zeros_(fc.bias)
-    model = FastRCNN(trunk, num_classes, fc6, fc7, dcfg.fc_dim, dropout=dcfg.dropout, roi_size=dcfg.roi_size)
+    model = FastRCNN(trunk, num_classes, fc6, fc7, dcfg.fc_dim, dropout=dcfg.dropout, roi_size=dcfg.roi_size,
+                     box_coder=BoxCoder.from_config(dcfg))
     if dcfg.freeze_early:
         frozen = freeze_early_layers(trunk, dcfg.trunk)
         if frozen:
             log.info("froze %d early trunk parameters (%s .. %s)", len(frozen), frozen[0], frozen[-1])
     return model
+
+
+# ------------------------------------------------------------------------------------------------- checkpoints
+class DetectorCheckpoint:
+    """A trained Fast R-CNN checkpoint (``final.pt``, ``ckpt_<iter>.pt``), read safely and checked to be one:
+    errors name ``source``, the file it came from."""
+
+    KEYS = ("model", "config", "classes")
+
+    def __init__(self, data: dict, source="<checkpoint>"):
+        self.source = str(source)
+        missing = [k for k in self.KEYS if k not in data]
+        if missing:
+            raise CheckpointError(f"{self.source}: not a Fast R-CNN checkpoint (no {', '.join(map(repr, missing))})")
+        self.data = data
+
+    @classmethod
+    def read(cls, path) -> "DetectorCheckpoint":
+        from core.io import load_checkpoint
+
+        return cls(load_checkpoint(path), path)
+
+    @classmethod
+    def of(cls, ckpt) -> "DetectorCheckpoint":
+        """A path, a checkpoint dict or a DetectorCheckpoint, as a DetectorCheckpoint."""
+        if isinstance(ckpt, DetectorCheckpoint):
+            return ckpt
+        return cls(ckpt) if isinstance(ckpt, dict) else cls.read(ckpt)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.data["classes"])
+
+    def config(self, overrides: list[str] | None = None):
+        """The Config it was trained with, with ``--set`` style ``overrides`` applied."""
+        from core.config import apply_overrides, from_dict
+
+        return from_dict(apply_overrides(self.data["config"], list(overrides or [])))
+
+    def build(self, device: str = "cpu") -> FastRCNN:
+        """The detector of its config with its weights, in eval mode on ``device``."""
+        sd = self.data["model"]
+        # a trunk trained with frozen BatchNorm (FrozenBatchNorm2d: no num_batches_tracked) is rebuilt the same way
+        frozen = not any(k.startswith("trunk.") and k.endswith("num_batches_tracked") for k in sd) and \
+            any(k.startswith("trunk.") and k.endswith("running_mean") for k in sd)
+        model = build_detector(self.config().detector, len(self.classes), pretrained="", frozen_bn=frozen)
+        try:
+            model.load_state_dict(sd)
+        except RuntimeError as e:
+            raise CheckpointError(f"{self.source}: weights do not fit the detector in its config "
+                                  f"({str(e).splitlines()[0]})") from None
+        if "trunk_norm" in self.data:  # input normalisation depends on the weights loaded at train time (Caffe VGG16)
+            model.trunk.mean, model.trunk.std = (tuple(v) for v in self.data["trunk_norm"])
+        return model.to(device).eval()
+
+
+def load_detector(ckpt, device: str = "cpu") -> tuple[FastRCNN, dict]:
+    """Rebuild a trained detector from a checkpoint path, dict or :class:`DetectorCheckpoint`; returns (model in eval
+    mode, checkpoint dict)."""
+    ck = DetectorCheckpoint.of(ckpt)
+    return ck.build(device), ck.data

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torchvision.ops import batched_nms
 
-from .test import detect_image
+from .test import detect_image, postprocess
 from .transforms import compute_scale, resize_image, to_tensor
 
 
@@ -19,19 +18,7 @@ def predict(model, image: np.ndarray, proposals: np.ndarray, dcfg) -> dict:
     scale = compute_scale(h, w, dcfg.test_scale, dcfg.max_size)
     tensor = to_tensor(resize_image(image, scale), model.mean, model.std)
     props = torch.from_numpy(np.ascontiguousarray(proposals, np.float32)).reshape(-1, 4)
-    scores, boxes, _ = detect_image(model, tensor, props, scale, h, w, stds=tuple(dcfg.bbox_stds))
-    empty = {"boxes": np.zeros((0, 4), np.float32), "scores": np.zeros(0, np.float32),
-             "labels": np.zeros(0, np.int64), "proposal": np.zeros(0, np.int64)}
-    if scores.shape[0] == 0:
-        return empty
-    s = scores[:, 1:]
-    keep = torch.nonzero(s > dcfg.score_thresh)
-    if keep.numel() == 0:
-        return empty
-    r, c = keep[:, 0], keep[:, 1]
-    b, sc = boxes[r, c + 1], s[r, c]
-    k = batched_nms(b, sc, c, dcfg.test_nms)
-    if dcfg.max_dets > 0:
-        k = k[: dcfg.max_dets]
-    return {"boxes": b[k].numpy().astype(np.float32), "scores": sc[k].numpy().astype(np.float32),
-            "labels": c[k].numpy().astype(np.int64), "proposal": r[k].numpy().astype(np.int64)}
+    scores, boxes, _ = detect_image(model, tensor, props, scale, h, w)
+    d = postprocess(scores, boxes, dcfg.score_thresh, dcfg.test_nms, dcfg.max_dets)
+    return {"boxes": d.boxes.numpy().astype(np.float32), "scores": d.scores.numpy().astype(np.float32),
+            "labels": d.labels.numpy().astype(np.int64), "proposal": d.proposals.numpy().astype(np.int64)}

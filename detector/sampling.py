@@ -33,50 +33,57 @@ BBOX_STDS = (0.1, 0.1, 0.2, 0.2)
 BBOX_XFORM_CLIP = math.log(1000.0 / 16)
 
 
-def encode_boxes(rois: torch.Tensor, gt: torch.Tensor, stds=BBOX_STDS) -> torch.Tensor:
-    """Targets (dx, dy, dw, dh) / stds that map ``rois`` (R,4) onto ``gt`` (R,4) (fast-rcnn bbox_transform)."""
-    rois = rois.float()
-    gt = gt.float()
-    pw = rois[:, 2] - rois[:, 0]
-    ph = rois[:, 3] - rois[:, 1]
-    px = rois[:, 0] + 0.5 * pw
-    py = rois[:, 1] + 0.5 * ph
-    gw = gt[:, 2] - gt[:, 0]
-    gh = gt[:, 3] - gt[:, 1]
-    gx = gt[:, 0] + 0.5 * gw
-    gy = gt[:, 1] + 0.5 * gh
-    t = torch.stack([(gx - px) / pw, (gy - py) / ph, torch.log(gw / pw), torch.log(gh / ph)], dim=1)
-    return t / t.new_tensor(stds)
+class BoxCoder:
+    """Fast R-CNN's box regression: targets (dx, dy, dw, dh) that map RoIs onto boxes (fast-rcnn
+    ``bbox_transform``), divided by the fixed ``stds`` of the model (the constant lives here, on one object per
+    model, as torchvision's ``BoxCoder``)."""
 
+    def __init__(self, stds=BBOX_STDS, clip: float = BBOX_XFORM_CLIP):
+        self.stds = tuple(float(v) for v in stds)
+        self.clip = float(clip)
 
-def decode_boxes(rois: torch.Tensor, deltas: torch.Tensor, stds=BBOX_STDS) -> torch.Tensor:
-    """Inverse of :func:`encode_boxes`. ``deltas`` is (R,4) or (R,K,4) (class-specific); returns the same shape
-    (fast-rcnn ``bbox_transform_inv``, without the inclusive ``-1`` on x2/y2)."""
-    squeeze = deltas.dim() == 2
-    if squeeze:
-        deltas = deltas[:, None, :]
-    deltas = deltas.float() * deltas.new_tensor(stds)
-    rois = rois.float()
-    pw = (rois[:, 2] - rois[:, 0])[:, None]
-    ph = (rois[:, 3] - rois[:, 1])[:, None]
-    px = rois[:, 0][:, None] + 0.5 * pw
-    py = rois[:, 1][:, None] + 0.5 * ph
-    dw = deltas[..., 2].clamp(max=BBOX_XFORM_CLIP)
-    dh = deltas[..., 3].clamp(max=BBOX_XFORM_CLIP)
-    cx = deltas[..., 0] * pw + px
-    cy = deltas[..., 1] * ph + py
-    w = torch.exp(dw) * pw
-    h = torch.exp(dh) * ph
-    out = torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
-    return out[:, 0] if squeeze else out
+    @classmethod
+    def from_config(cls, dcfg) -> "BoxCoder":
+        return cls(dcfg.bbox_stds)
 
+    def __repr__(self):
+        return f"BoxCoder(stds={self.stds})"
 
-def clip_boxes(boxes: torch.Tensor, height: float, width: float) -> torch.Tensor:
-    """Clip ``(..., 4)`` boxes to the image ``[0, width] x [0, height]`` (0-based edges)."""
-    out = boxes.clone()
-    out[..., 0::2] = out[..., 0::2].clamp(0, width)
-    out[..., 1::2] = out[..., 1::2].clamp(0, height)
-    return out
+    def encode(self, rois: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+        """Normalised targets that map ``rois`` (R,4) onto ``gt`` (R,4)."""
+        rois = rois.float()
+        gt = gt.float()
+        pw = rois[:, 2] - rois[:, 0]
+        ph = rois[:, 3] - rois[:, 1]
+        px = rois[:, 0] + 0.5 * pw
+        py = rois[:, 1] + 0.5 * ph
+        gw = gt[:, 2] - gt[:, 0]
+        gh = gt[:, 3] - gt[:, 1]
+        gx = gt[:, 0] + 0.5 * gw
+        gy = gt[:, 1] + 0.5 * gh
+        t = torch.stack([(gx - px) / pw, (gy - py) / ph, torch.log(gw / pw), torch.log(gh / ph)], dim=1)
+        return t / t.new_tensor(self.stds)
+
+    def decode(self, rois: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`encode`. ``deltas`` is (R,4) or (R,K,4) (class-specific); returns the same shape
+        (fast-rcnn ``bbox_transform_inv``, without the inclusive ``-1`` on x2/y2)."""
+        squeeze = deltas.dim() == 2
+        if squeeze:
+            deltas = deltas[:, None, :]
+        deltas = deltas.float() * deltas.new_tensor(self.stds)
+        rois = rois.float()
+        pw = (rois[:, 2] - rois[:, 0])[:, None]
+        ph = (rois[:, 3] - rois[:, 1])[:, None]
+        px = rois[:, 0][:, None] + 0.5 * pw
+        py = rois[:, 1][:, None] + 0.5 * ph
+        dw = deltas[..., 2].clamp(max=self.clip)
+        dh = deltas[..., 3].clamp(max=self.clip)
+        cx = deltas[..., 0] * pw + px
+        cy = deltas[..., 1] * ph + py
+        w = torch.exp(dw) * pw
+        h = torch.exp(dh) * ph
+        out = torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
+        return out[:, 0] if squeeze else out
 
 
 @dataclass
@@ -98,12 +105,13 @@ def sample_rois(
     bg_thresh_hi: float = 0.5,
     bg_thresh_lo: float = 0.1,
     generator: torch.Generator | None = None,
-    stds=BBOX_STDS,
+    coder: BoxCoder | None = None,
 ) -> RoiSample:
     """Sample ``num_rois`` RoIs of one image (fast-rcnn ``_sample_rois``), vectorised.
 
     ``proposals`` (P,4) and ``gt_boxes`` (G,4) float boxes in the same (image) coordinates, ``gt_labels`` (G,) 0-based
-    dataset classes. The ground-truth boxes are prepended to the candidates. Returns foreground RoIs first."""
+    dataset classes. The ground-truth boxes are prepended to the candidates. Returns foreground RoIs first, their
+    targets encoded by ``coder`` (default: the fixed stds)."""
     proposals = proposals.reshape(-1, 4).float()
     gt_boxes = gt_boxes.reshape(-1, 4).float()
     gt_labels = gt_labels.reshape(-1).long()
@@ -131,5 +139,5 @@ def sample_rois(
     labels[n_fg:] = 0
     targets = torch.zeros_like(rois)
     if n_fg:
-        targets[:n_fg] = encode_boxes(rois[:n_fg], gt_boxes[argmax[keep[:n_fg]]], stds)
+        targets[:n_fg] = (coder or BoxCoder()).encode(rois[:n_fg], gt_boxes[argmax[keep[:n_fg]]])
     return RoiSample(rois, labels, targets, max_iou[keep], n_fg)

@@ -28,6 +28,7 @@ import copy
 import logging
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -36,14 +37,14 @@ from torchvision.ops import batched_nms
 from tqdm import tqdm
 
 from core import distributed
+from core.boxes import clip_boxes
 from core.errors import ConfigError, DataError, UserError, is_out_of_memory
 from core.images import load_image
 from core.io import read_json, write_json
 from core.training import make_loader
 
 from . import voc_eval
-from .model import FastRCNN
-from .sampling import clip_boxes, decode_boxes
+from .model import DetectorCheckpoint, FastRCNN
 from .transforms import compute_scale, resize_image, to_tensor
 
 log = logging.getLogger(__name__)
@@ -51,23 +52,31 @@ log = logging.getLogger(__name__)
 HEAD_CHUNK = 1024  # RoIs per head call (bounds memory: 1024 x 25088 floats for VGG16 pool5)
 
 
+class Detections(NamedTuple):
+    boxes: torch.Tensor  # (D,4) in original image pixels
+    scores: torch.Tensor  # (D,)
+    labels: torch.Tensor  # (D,) 0-based object classes
+    proposals: torch.Tensor  # (D,) index of the proposal each detection was regressed from
+
+
 def postprocess(scores: torch.Tensor, boxes: torch.Tensor, score_thresh: float = 0.05, nms_thresh: float = 0.3,
-                max_dets: int = 100) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                max_dets: int = 100) -> Detections:
     """Per-class thresholding + NMS + per-image cap.
 
-    ``scores`` (R,K+1) softmax (column 0 = background), ``boxes`` (R,K+1,4). Returns boxes (D,4), scores (D,),
-    labels (D,) 0-based object classes, sorted by score (descending)."""
+    ``scores`` (R,K+1) softmax (column 0 = background), ``boxes`` (R,K+1,4). Returns the detections sorted by score
+    (descending)."""
     s = scores[:, 1:]
     keep = torch.nonzero(s > score_thresh)
     if keep.numel() == 0:
-        return boxes.new_zeros((0, 4)), scores.new_zeros(0), torch.zeros(0, dtype=torch.long)
+        none = torch.zeros(0, dtype=torch.long)
+        return Detections(boxes.new_zeros((0, 4)), scores.new_zeros(0), none, none.clone())
     r, c = keep[:, 0], keep[:, 1]
     b = boxes[r, c + 1]
     sc = s[r, c]
     k = batched_nms(b, sc, c, nms_thresh)  # sorted by decreasing score
     if max_dets > 0:
         k = k[:max_dets]
-    return b[k], sc[k], c[k]
+    return Detections(b[k], sc[k], c[k], r[k])
 
 
 class _TestImages(Dataset):
@@ -102,7 +111,7 @@ def _first(batch):
 
 @torch.inference_mode()
 def detect_image(model: FastRCNN, image: torch.Tensor, proposals: torch.Tensor, scale: float, height: int,
-                 width: int, stds=(0.1, 0.1, 0.2, 0.2)) -> tuple[torch.Tensor, torch.Tensor, dict]:
+                 width: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Scores (R,K+1) and clipped class-specific boxes (R,K+1,4) in original image pixels for every proposal
     (fast-rcnn ``im_detect``). ``image`` is the normalised, rescaled (3,H,W) tensor."""
     device = next(model.parameters()).device
@@ -124,7 +133,7 @@ def detect_image(model: FastRCNN, image: torch.Tensor, proposals: torch.Tensor, 
     deltas = torch.cat(deltas).float().view(R, K1, 4)
     # targets are scale-invariant, so decoding against the proposals in original pixels equals the official
     # decode in rescaled pixels followed by division by the scale
-    boxes = clip_boxes(decode_boxes(props.float(), deltas, stds), height, width)
+    boxes = clip_boxes(model.box_coder.decode(props.float(), deltas), height, width)
     if device.type == "cuda":
         torch.cuda.synchronize()
     t2 = time.perf_counter()
@@ -132,12 +141,10 @@ def detect_image(model: FastRCNN, image: torch.Tensor, proposals: torch.Tensor, 
 
 
 def _load_model(model_or_ckpt, device):
-    from .train import load_detector
-
     if isinstance(model_or_ckpt, FastRCNN):
         return model_or_ckpt, None
-    model, ckpt = load_detector(model_or_ckpt, device)
-    return model, ckpt
+    ck = DetectorCheckpoint.of(model_or_ckpt)
+    return ck.build(device), ck
 
 
 def present_classes(dataset) -> list[str]:
@@ -154,14 +161,13 @@ def test_detector(model_or_ckpt, store, dataset, tops: list[int], out_dir, cfg=N
     """Detect on every image of ``dataset`` with the top N proposals of ``store`` for each N in ``tops``, in ONE
     pass over the images; write the result files per N and return {N: {'mAP', 'ap', 'mAP_all', ...}}.
 
-    ``model_or_ckpt``: a FastRCNN, a checkpoint dict or a path. ``store``: a ProposalStore or its path (checked
+    ``model_or_ckpt``: a FastRCNN, a DetectorCheckpoint, a checkpoint dict or a path. ``store``: a ProposalStore or its path (checked
     against the dataset and split). ``cfg``: a Config whose ``detector`` test fields (test_scale, max_size,
     score_thresh, test_nms, max_dets, svd*) are used; default: the checkpoint's config.
     'mAP' averages the AP over the classes that have (non-difficult) ground truth in the split (all 20 on VOC; the
     synthetic set uses 6 of the 20 VOC names); 'mAP_all' over all classes (absent ones count 0).
     ``shard=(I, N)``: only this shard's detections, written to ``out_dir/shards`` (module docstring); returns
     {'shard': path, 'images': count}. Under torchrun the ranks are the shards (see the module docstring)."""
-    from core.config import from_dict
     from core.store import ProposalStore
 
     tops = sorted({int(t) for t in tops})
@@ -178,13 +184,14 @@ def test_detector(model_or_ckpt, store, dataset, tops: list[int], out_dir, cfg=N
     if cfg is None:
         if ckpt is None:
             raise ConfigError("test_detector: pass cfg when giving a model object")
-        cfg = from_dict(ckpt["config"])
+        cfg = ckpt.config()
     dcfg = cfg.detector
     if model.num_classes != len(dataset.classes):
         raise DataError(f"the detector has {model.num_classes} classes but dataset {dataset.name} has "
                         f"{len(dataset.classes)}")
-    if ckpt is not None and list(ckpt["classes"]) != list(dataset.classes):
-        raise DataError(f"the detector was trained on classes {ckpt['classes']}, the dataset has {dataset.classes}")
+    if ckpt is not None and ckpt.classes != list(dataset.classes):
+        raise DataError(f"{ckpt.source}: the detector was trained on classes {ckpt.classes}, the dataset has "
+                        f"{dataset.classes}")
     if dcfg.svd:
         model = copy.deepcopy(model)
         model.apply_svd(dcfg.svd_fc6_rank, dcfg.svd_fc7_rank)
@@ -202,7 +209,6 @@ def test_detector(model_or_ckpt, store, dataset, tops: list[int], out_dir, cfg=N
     n_props = {n: 0 for n in tops}
     num_proposals = {}  # image_id -> proposals used (shards)
     timing = {"trunk": 0.0, "head": 0.0, "post": 0.0}
-    stds = tuple(dcfg.bbox_stds)
     t_start = time.time()
     empty = 0
     for item in tqdm(loader, total=len(loader), desc="test fast-rcnn", unit="img", disable=not progress):
@@ -212,7 +218,7 @@ def test_detector(model_or_ckpt, store, dataset, tops: list[int], out_dir, cfg=N
             empty += 1
         try:
             scores, boxes, t = detect_image(model, item["image"], props, item["scale"], item["height"],
-                                            item["width"], stds)
+                                            item["width"])
         except Exception as e:
             if not is_out_of_memory(e):
                 raise
@@ -222,8 +228,8 @@ def test_detector(model_or_ckpt, store, dataset, tops: list[int], out_dir, cfg=N
                             f"detector.test_scale (now {dcfg.test_scale}), or test fewer proposals (--top)") from None
         t0 = time.perf_counter()
         for n in tops:
-            b, s, lab = postprocess(scores[:n], boxes[:n], dcfg.score_thresh, dcfg.test_nms, dcfg.max_dets)
-            per_top[n][item["image_id"]] = (b.numpy(), s.numpy(), lab.numpy())
+            d = postprocess(scores[:n], boxes[:n], dcfg.score_thresh, dcfg.test_nms, dcfg.max_dets)
+            per_top[n][item["image_id"]] = (d.boxes.numpy(), d.scores.numpy(), d.labels.numpy())
             n_props[n] += min(n, props.shape[0])
         timing["trunk"] += t["trunk"]
         timing["head"] += t["head"]

@@ -41,13 +41,13 @@ from torch.utils.data import Dataset, Sampler
 
 from core import distributed
 from core.config import Config, to_dict
-from core.errors import CheckpointError, ConfigError, DataError, UserError, is_out_of_memory
+from core.errors import ConfigError, DataError, UserError, is_out_of_memory
 from core.images import load_image
 from core.io import load_checkpoint
 from core.training import CheckpointFiles, Training, check_identity, make_loader
 
-from .model import FastRCNN, build_detector
-from .sampling import sample_rois
+from .model import build_detector
+from .sampling import BoxCoder, sample_rois
 from .transforms import compute_scale, flip_boxes, flip_image, pad_batch, resize_image, to_tensor
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,10 @@ def _seed_of(*parts: int) -> int:
 
 
 def prepare_sample(image: np.ndarray, gt_boxes: np.ndarray, gt_labels: np.ndarray, proposals: np.ndarray,
-                   flipped: bool, target_size: int, dcfg, mean, std, generator: torch.Generator) -> dict:
-    """One training entry: flip (image, gt, proposals together), sample RoIs in image coordinates, rescale.
+                   flipped: bool, target_size: int, dcfg, mean, std, generator: torch.Generator,
+                   coder: BoxCoder | None = None) -> dict:
+    """One training entry: flip (image, gt, proposals together), sample RoIs in image coordinates (targets encoded
+    by the model's ``coder``, default the one of ``dcfg``), rescale.
 
     Returns image (3,H',W') normalised tensor, rois (R,4) in rescaled pixels, labels (R,), targets (R,4)."""
     h, w = image.shape[:2]
@@ -75,7 +77,7 @@ def prepare_sample(image: np.ndarray, gt_boxes: np.ndarray, gt_labels: np.ndarra
     n_rois = dcfg.batch_rois // dcfg.ims_per_batch
     s = sample_rois(torch.from_numpy(proposals), torch.from_numpy(gt_boxes), torch.as_tensor(gt_labels),
                     n_rois, dcfg.fg_fraction, dcfg.fg_thresh, dcfg.bg_thresh_hi, dcfg.bg_thresh_lo,
-                    generator=generator, stds=tuple(dcfg.bbox_stds))
+                    generator=generator, coder=coder or BoxCoder.from_config(dcfg))
     scale = compute_scale(h, w, target_size, dcfg.max_size)
     img = to_tensor(resize_image(image, scale), mean, std)
     return {"image": img, "rois": s.rois * scale, "labels": s.labels, "targets": s.targets,
@@ -110,13 +112,15 @@ class TrainEntries:
 class TrainStream(Dataset):
     """Map-style dataset over stream positions (see the module docstring): item ``p`` -> prepared sample."""
 
-    def __init__(self, entries: TrainEntries, store, top: int | None, dcfg, mean, std, seed: int):
+    def __init__(self, entries: TrainEntries, store, top: int | None, dcfg, mean, std, seed: int,
+                 coder: BoxCoder | None = None):
         self.entries = entries.items
         self._store_arg = store
         self._store = None if isinstance(store, (str, Path)) else store
         self.top = top if top else None
         self.dcfg = dcfg
         self.mean, self.std = tuple(mean), tuple(std)
+        self.coder = coder or BoxCoder.from_config(dcfg)
         self.seed = int(seed)
         self.per_epoch = len(self.entries) * (2 if dcfg.flip else 1)
         self._perm_cache: tuple[int, np.ndarray] | None = None
@@ -158,7 +162,7 @@ class TrainStream(Dataset):
         image = load_image(path)
         props = self.store.get(image_id, top=self.top, masks=False).boxes
         out = prepare_sample(image, gt_boxes, gt_labels, props, flipped, target, self.dcfg, self.mean, self.std,
-                             gen)
+                             gen, self.coder)
         out["image_id"] = image_id
         out["pos"] = int(pos)
         return out
@@ -249,33 +253,6 @@ def checkpoint_files(out_dir) -> CheckpointFiles:
     """A detector training folder's checkpoints: ``ckpt_<iteration>.pt``, the newest kept."""
     return CheckpointFiles(out_dir, "ckpt_{}.pt")
 
-
-
-def load_detector(ckpt, device: str = "cpu") -> tuple[FastRCNN, dict]:
-    """Rebuild a trained detector from a checkpoint path or dict; returns (model in eval mode, checkpoint dict)."""
-    from core.config import from_dict
-
-    if not isinstance(ckpt, dict):
-        path = ckpt
-        ckpt = load_checkpoint(path)
-    else:
-        path = "<checkpoint>"
-    for k in ("model", "config", "classes"):
-        if k not in ckpt:
-            raise CheckpointError(f"{path}: not a Fast R-CNN checkpoint (missing '{k}')")
-    cfg = from_dict(ckpt["config"])
-    sd = ckpt["model"]
-    # a trunk trained with frozen BatchNorm (FrozenBatchNorm2d: no num_batches_tracked) is rebuilt the same way
-    frozen = not any(k.startswith("trunk.") and k.endswith("num_batches_tracked") for k in sd) and \
-        any(k.startswith("trunk.") and k.endswith("running_mean") for k in sd)
-    model = build_detector(cfg.detector, len(ckpt["classes"]), pretrained="", frozen_bn=frozen)
-    try:
-        model.load_state_dict(sd)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit the detector in its config ({str(e).splitlines()[0]})")
-    if "trunk_norm" in ckpt:  # input normalisation depends on the weights loaded at train time (e.g. Caffe VGG16)
-        model.trunk.mean, model.trunk.std = (tuple(v) for v in ckpt["trunk_norm"])
-    return model.to(device).eval(), ckpt
 
 
 # ------------------------------------------------------------------------------------------------------- loop
@@ -380,7 +357,7 @@ def train_detector(cfg: Config, store, dataset, out_dir, top: int | None = None,
     run.save_config()
 
     entries = TrainEntries(dataset, dcfg.use_difficult)
-    stream = TrainStream(entries, store_path, top, dcfg, model.mean, model.std, cfg.seed)
+    stream = TrainStream(entries, store_path, top, dcfg, model.mean, model.std, cfg.seed, model.box_coder)
     stop = dcfg.iters if stop_after is None else min(dcfg.iters, int(stop_after))
     B = dcfg.ims_per_batch
     log.info("training Fast R-CNN (%s) on %d images (%d entries/epoch with flips), iterations %d -> %d, "

@@ -57,15 +57,15 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import DataError, UserError
+from core.images import image_files
 from core.io import atomic_write_bytes, read_json, write_json
 from proposals import random_boxes  # proposal-like boxes: log-uniform sides 16 px .. the image
 
 log = logging.getLogger(__name__)
 
 __all__ = ["BenchOptions", "plan", "run_bench", "format_table", "summarize", "DEFAULT_OVERRIDES",
-           "QUICK_OVERRIDES", "IMAGE_EXT"]
+           "QUICK_OVERRIDES"]
 
-IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 DEEPMASK_TRUNKS = ("small", "efficientnet_lite0", "vgg_a")
@@ -170,7 +170,7 @@ def resolve_images(spec: str | None, n: int) -> tuple[list[str], str]:
     else:
         if split:
             raise UserError(f"--images {spec}: '{path}' is not a VOC2007 folder (no ImageSets/Main), so no split")
-        paths = sorted(str(q) for q in p.iterdir() if q.suffix.lower() in IMAGE_EXT)[:n]
+        paths = [str(q) for q in image_files(p)][:n]
         desc = f"folder {p}"
     if not paths:
         raise UserError(f"--images {spec}: no images found")
@@ -344,10 +344,10 @@ def _m_frcnn_test(spec: dict) -> dict:
         h, w = img.shape[:2]
         scale = compute_scale(h, w, dcfg.test_scale, dcfg.max_size)
         x = to_tensor(resize_image(img, scale), model.mean, model.std)
-        scores, boxes, _ = detect_image(model, x, props[id(img)], scale, h, w, tuple(dcfg.bbox_stds))
-        b, s, c = postprocess(scores, boxes, dcfg.score_thresh, dcfg.test_nms, dcfg.max_dets)
-        n_dets.append(len(s))
-        return len(s)
+        scores, boxes, _ = detect_image(model, x, props[id(img)], scale, h, w)
+        n = len(postprocess(scores, boxes, dcfg.score_thresh, dcfg.test_nms, dcfg.max_dets).scores)
+        n_dets.append(n)
+        return n
 
     times, _ = _time_per_image(run, images, spec["repeats"], spec["warmup"], _Clock(spec["device"]))
     return {"per_item": times, "unit": "s/image", "detail": {

@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from core.cli import run_main
-from core.config import from_dict, load_config
+from core.config import load_config
 from core.errors import CheckpointError, DataError, ImageError, UserError, is_out_of_memory
-from core.io import atomic_write_bytes, load_checkpoint, write_json
+from core.images import IMAGE_EXT, image_files
+from core.io import atomic_write_bytes, write_json
 
 log = logging.getLogger("pipelines.detect")
 
-IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 MIN_SIDE = 16  # one feature cell of a stride-16 trunk
 PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
@@ -38,7 +38,7 @@ def list_images(items: list[str]) -> list[Path]:
     for it in items:
         p = Path(it)
         if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_EXT and q.is_file())
+            found = image_files(p)
             if not found:
                 raise DataError(f"{p}: folder has no images ({', '.join(sorted(IMAGE_EXT))})")
             out.extend(found)
@@ -51,26 +51,25 @@ def list_images(items: list[str]) -> list[Path]:
 
 def resolve_models(args):
     """(cfg, detector checkpoint, proposer method, proposer checkpoint) from --run or explicit checkpoints."""
+    from detector.model import DetectorCheckpoint
+
     if args.run:
-        run = Path(args.run)
-        if not (run / "config.yaml").is_file():
-            raise DataError(f"{run}: not a run folder (no config.yaml)")
-        cfg = load_config(str(run / "config.yaml"), args.overrides)
-        method = args.method or ("deepmask" if (run / "detector_deepmask" / "final.pt").is_file()
+        from pipelines.experiment import RunPaths
+
+        run = RunPaths(Path(args.run))
+        if not (run.root / "config.yaml").is_file():
+            raise DataError(f"{run.root}: not a run folder (no config.yaml)")
+        cfg = load_config(str(run.root / "config.yaml"), args.overrides)
+        method = args.method or ("deepmask" if (run.detector("deepmask") / "final.pt").is_file()
                                  else "selective_search")
-        det = Path(args.detector_checkpoint or run / f"detector_{method}" / "final.pt")
-        prop = args.proposer_checkpoint or (str(run / "deepmask" / "best.pt") if method == "deepmask" else None)
+        det = Path(args.detector_checkpoint or run.detector(method) / "final.pt")
+        prop = args.proposer_checkpoint or (str(run.deepmask / "best.pt") if method == "deepmask" else None)
     else:
         if not args.detector_checkpoint:
             raise UserError("give --run runs/<name>, or --detector-checkpoint CKPT (and --proposer-checkpoint "
                             "for DeepMask proposals)")
         det = Path(args.detector_checkpoint)
-        ckpt = load_checkpoint(det)
-        if "config" not in ckpt:
-            raise CheckpointError(f"{det}: not a Fast R-CNN checkpoint of this project (no 'config')")
-        from core.config import apply_overrides
-
-        cfg = from_dict(apply_overrides(ckpt["config"], args.overrides))
+        cfg = None
         method = args.method or ("deepmask" if args.proposer_checkpoint else "selective_search")
         prop = args.proposer_checkpoint
     if method == "deepmask" and not prop:
@@ -78,7 +77,8 @@ def resolve_models(args):
     if not det.is_file():
         raise CheckpointError(f"{det}: detector checkpoint not found (train it with pipelines.run or "
                               "pipelines.train_detector)")
-    return cfg, det, method, prop
+    ckpt = DetectorCheckpoint.read(det)
+    return cfg or ckpt.config(args.overrides), ckpt, method, prop
 
 
 def draw(image: np.ndarray, det: dict, classes, masks: np.ndarray | None = None) -> bytes:
@@ -117,7 +117,7 @@ def draw(image: np.ndarray, det: dict, classes, masks: np.ndarray | None = None)
 def detect_file(path: Path, proposer, model, classes, dcfg, top: int, max_side: int, show_masks: bool) -> tuple:
     import cv2
 
-    from core.boxes import decode_rles
+    from core.boxes import clip_boxes, decode_rles
     from core.images import load_image
     from detector.predict import predict
 
@@ -139,7 +139,7 @@ def detect_file(path: Path, proposer, model, classes, dcfg, top: int, max_side: 
             masks = np.stack([cv2.resize(m.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
                               for m in masks])
     if f < 1:
-        det["boxes"] = np.clip(det["boxes"] / f, 0, [w, h, w, h]).astype(np.float32)
+        det["boxes"] = clip_boxes(det["boxes"] / f, h, w)
     return image, det, masks, len(boxes)
 
 
@@ -168,11 +168,9 @@ def main(argv=None) -> int:
     top = args.top or (100 if method == "deepmask" else 2000)
     import dataclasses
 
-    from detector.train import load_detector
     from proposals import build_proposer
 
-    model, ckpt = load_detector(det_ckpt, cfg.device)
-    classes = list(ckpt["classes"])
+    model, classes = det_ckpt.build(cfg.device), det_ckpt.classes
     dcfg = dataclasses.replace(cfg.detector, score_thresh=args.score_thresh)
     proposer = build_proposer(method, cfg, prop_ckpt)
     out = Path(args.out)

@@ -60,18 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.merge:
             raise ConfigError("--merge evaluates the shards of every --shard I/N run: give it without --shard")
 
-    from core.config import apply_overrides, from_dict
     from core.datasets import VOCDataset
-    from core.io import load_checkpoint
+    from detector.model import DetectorCheckpoint
     from detector.test import test_detector
 
-    from core.errors import CheckpointError
-
-    ckpt = load_checkpoint(args.checkpoint)
-    missing = [k for k in ("model", "config", "classes") if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{args.checkpoint}: not a Fast R-CNN checkpoint (no {', '.join(map(repr, missing))})")
-    cfg = from_dict(apply_overrides(ckpt["config"], args.overrides))
+    ckpt = DetectorCheckpoint.read(args.checkpoint)
+    cfg = ckpt.config(args.overrides)
     voc = args.voc or cfg.data.voc
     if not voc:
         raise ConfigError("--voc: no dataset given and the checkpoint's config has no data.voc")
@@ -81,11 +75,8 @@ def main(argv: list[str] | None = None) -> int:
 
         res = evaluate_shards(find_shards(args.out), dataset, args.out)
     else:
-        try:
-            res = test_detector(ckpt, args.proposals, dataset, tops, args.out, cfg=cfg,
-                                progress=not args.no_progress, shard=shard)
-        except CheckpointError as e:  # the library names a checkpoint given as a dict '<checkpoint>': name the file
-            raise CheckpointError(str(e).replace("<checkpoint>", str(args.checkpoint), 1)) from None
+        res = test_detector(ckpt, args.proposals, dataset, tops, args.out, cfg=cfg, progress=not args.no_progress,
+                            shard=shard)
         if shard is not None:
             print(json.dumps(res))
             return 0

@@ -183,7 +183,7 @@ def test_convert_checkpoint_refuses_code(tmp_path):
 
 def test_library_loaders_refuse(runs, tmp_path):
     from core.backbones import build_trunk
-    from detector.train import load_detector
+    from detector.model import load_detector
     from proposals.deepmask.train import load_deepmask, train_deepmask
 
     sentinel = tmp_path / "SENTINEL"

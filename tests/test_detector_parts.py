@@ -8,7 +8,8 @@ from torchvision.ops import box_iou
 
 from core.config import load_config
 from detector.model import FastRCNN, build_detector, truncated_svd_linear
-from detector.sampling import BBOX_STDS, clip_boxes, decode_boxes, encode_boxes, sample_rois
+from core.boxes import clip_boxes
+from detector.sampling import BBOX_STDS, BoxCoder, sample_rois
 from detector.test import postprocess
 from detector.train import detection_loss, prepare_sample
 from detector.transforms import compute_scale, flip_boxes
@@ -87,23 +88,30 @@ def test_sampling_deterministic_with_generator():
 def test_encode_decode_inverse_and_stds():
     g = torch.Generator().manual_seed(3)
     rois, gt = _random_boxes(300, gen=g), _random_boxes(300, gen=g)
-    t = encode_boxes(rois, gt)
-    assert torch.allclose(decode_boxes(rois, t), gt, atol=1e-3)
+    coder = BoxCoder()
+    t = coder.encode(rois, gt)
+    assert torch.allclose(coder.decode(rois, t), gt, atol=1e-3)
     # class-specific layout (R,K,4) decodes each class
     t3 = torch.stack([t, torch.zeros_like(t)], 1)
-    out = decode_boxes(rois, t3)
+    out = coder.decode(rois, t3)
     assert torch.allclose(out[:, 0], gt, atol=1e-3) and torch.allclose(out[:, 1], rois, atol=1e-4)
     # fixed stds (0.1,0.1,0.2,0.2) == torchvision BoxCoder weights (10,10,5,5)
-    from torchvision.models.detection._utils import BoxCoder
+    from torchvision.models.detection._utils import BoxCoder as TorchvisionBoxCoder
 
-    tv = BoxCoder(weights=(10.0, 10.0, 5.0, 5.0)).encode_single(gt, rois)
-    assert BBOX_STDS == (0.1, 0.1, 0.2, 0.2)
+    tv = TorchvisionBoxCoder(weights=(10.0, 10.0, 5.0, 5.0)).encode_single(gt, rois)
+    assert BBOX_STDS == coder.stds == (0.1, 0.1, 0.2, 0.2)
     assert torch.allclose(t, tv, atol=1e-4)
     # a shifted box: dx = 0.1 * width shift / std 0.1 = 1
     r = torch.tensor([[0.0, 0.0, 10.0, 20.0]])
-    assert torch.allclose(encode_boxes(r, r + torch.tensor([1.0, 0, 1.0, 0])), torch.tensor([[1.0, 0, 0, 0]]))
+    assert torch.allclose(coder.encode(r, r + torch.tensor([1.0, 0, 1.0, 0])), torch.tensor([[1.0, 0, 0, 0]]))
+    # another model's stds: twice the stds, half the targets
+    assert torch.allclose(BoxCoder((0.2, 0.2, 0.4, 0.4)).encode(rois, gt), t / 2, atol=1e-5)
     clipped = clip_boxes(torch.tensor([[-5.0, -1.0, 50.0, 70.0]]), height=60, width=40)
     assert clipped.tolist() == [[0.0, 0.0, 40.0, 60.0]]
+    # (R,K,4) tensors and numpy arrays, the same order
+    assert clip_boxes(torch.full((2, 3, 4), 99.0), 60, 40)[1, 2].tolist() == [40.0, 60.0, 40.0, 60.0]
+    arr = clip_boxes(np.array([[-5.0, -1.0, 50.0, 70.0]]), 60, 40)
+    assert arr.dtype == np.float32 and arr.tolist() == [[0.0, 0.0, 40.0, 60.0]]
 
 
 def test_flip_boxes_exact():
@@ -150,19 +158,19 @@ def test_postprocess_per_class_nms_threshold_cap():
     b2 = torch.tensor([100.0, 100.0, 140.0, 140.0])
     boxes = torch.stack([torch.stack([b0, b0, b0]), torch.stack([b1, b1, b1]), torch.stack([b2, b2, b2])])
     scores = torch.tensor([[0.1, 0.6, 0.3], [0.2, 0.5, 0.3], [0.96, 0.04, 0.0]])
-    b, s, lab = postprocess(scores, boxes, score_thresh=0.05, nms_thresh=0.3, max_dets=100)
+    b, s, lab, props = postprocess(scores, boxes, score_thresh=0.05, nms_thresh=0.3, max_dets=100)
     # class 1: b0 (0.6) suppresses b1 (0.5); class 2: b0 (0.3) suppresses b1 (0.3, later);
     # the third RoI is below the 0.05 threshold for both classes
-    assert lab.tolist() == [0, 1]
+    assert lab.tolist() == [0, 1] and props.tolist() == [0, 0]  # both regressed from proposal 0
     assert s.tolist() == pytest.approx([0.6, 0.3])
     assert torch.equal(b[0], b0) and torch.equal(b[1], b0)
     # NMS off across classes: same box kept for both classes; nms 1.0 keeps everything over threshold
-    b, s, lab = postprocess(scores, boxes, 0.05, 1.0, 100)
-    assert len(s) == 4
-    b, s, lab = postprocess(scores, boxes, 0.05, 1.0, max_dets=3)
-    assert s.tolist() == pytest.approx([0.6, 0.5, 0.3])
-    b, s, lab = postprocess(scores[:0], boxes[:0])
-    assert b.shape == (0, 4) and s.shape == (0,)
+    d = postprocess(scores, boxes, 0.05, 1.0, 100)
+    assert len(d.scores) == 4
+    d = postprocess(scores, boxes, 0.05, 1.0, max_dets=3)
+    assert d.scores.tolist() == pytest.approx([0.6, 0.5, 0.3]) and d.proposals.tolist() == [0, 1, 0]
+    d = postprocess(scores[:0], boxes[:0])
+    assert d.boxes.shape == (0, 4) and d.scores.shape == (0,) and d.proposals.shape == (0,)
 
 
 def test_vgg16_shapes_match_paper():
@@ -246,7 +254,7 @@ def test_detection_loss_normalisation():
 
 def test_checkpoint_roundtrip_frozen_bn_and_normalisation():
     from core.config import to_dict
-    from detector.train import load_detector
+    from detector.model import load_detector
 
     cfg = load_config(None, ["detector.trunk=small", "detector.pretrained=", "detector.fc_dim=64"])
     for frozen in (False, True):

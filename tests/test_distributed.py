@@ -177,7 +177,7 @@ def test_train_detector_under_torchrun(run):
     from core.config import from_dict
     from core.io import load_checkpoint
     from detector.model import build_detector
-    from detector.train import load_detector
+    from detector.model import load_detector
 
     ck = load_checkpoint(run["det"] / "final.pt")
     rep = ck["distributed"]

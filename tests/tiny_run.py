@@ -136,7 +136,7 @@ def _predict_digest(run, cfg, test_ds) -> dict:
     from core.images import load_image
     from core.store import ProposalStore
     from detector.predict import predict
-    from detector.train import load_detector
+    from detector.model import load_detector
 
     model, _ = load_detector(run / "detector_deepmask" / "final.pt")
     rec = test_ds.get(test_ds.image_ids[0])
