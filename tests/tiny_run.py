@@ -21,11 +21,13 @@ TINY = [
     "deepmask.trunk=small", "deepmask.pretrained=", "detector.trunk=small", "detector.pretrained=",
     "data.synthetic_trainval=6", "data.synthetic_test=4", "data.synthetic_size=128",
     "deepmask.iters=4", "deepmask.batch_size=8", "deepmask.val_every=2", "deepmask.val_batches=1",
-    "deepmask.checkpoint_every=2", "deepmask.workers=0", "deepmask.top_n=150", "deepmask.scale_min=-1",
+    "deepmask.checkpoint_every=2", "deepmask.workers=0", "deepmask.top_n=150", "deepmask.object_range=[22.63,128]",
     "ss.workers=1", "ss.top_n=150",
     "detector.iters=4", "detector.checkpoint_every=2", "detector.lr_steps=[3]", "detector.workers=0",
     "detector.scales=[128]", "detector.test_scale=128", "sweep.counts=[10,100]", "sweep.seeds=[0,1]",
+    "sweep.retrain_counts=[10]",
 ]
+METHODS = ("deepmask", "selective_search", "random")
 
 # history keys that are wall-clock measurements, not results
 TIMING_KEYS = ("images_per_s",)
@@ -95,7 +97,8 @@ def fingerprint(run) -> dict:
     for m in sorted((run / "results").glob("*/top*/metrics.json")):
         out["mAP"][f"{m.parent.parent.name}/{m.parent.name}"] = json.loads(m.read_text())["mAP"]
     sweep = json.loads((run / "sweep.json").read_text())
-    out["sweep_rows"] = [{k: r[k] for k in ("method", "N", "seed", "mAP")} for r in sweep["seed_rows"]]
+    out["sweep_rows"] = [{k: r[k] for k in ("method", "N", "seed", "mAP", "protocol", "train_N") if k in r}
+                         for r in sweep["seed_rows"]]
     out["recall"] = sweep["recall"]
     out["low_threshold"] = low_threshold_detections(run)
     return out
@@ -119,7 +122,7 @@ def low_threshold_detections(run) -> dict:
     test_ds = VOCDataset(cfg.data.voc, cfg.data.test_split)
     out: dict = {}
     for d in sorted(run.glob("detector_*")):
-        method = d.name.removeprefix("detector_").split("_seed")[0]
+        method = next(m for m in METHODS if d.name.removeprefix("detector_").startswith(m))
         store = run / "proposals" / f"{method}_{test_ds.split}"
         with tempfile.TemporaryDirectory() as res_dir:  # the run folder is left as it is
             res = test_detector(d / "final.pt", store, test_ds, tops=[10, 100], out_dir=res_dir, cfg=cfg,
