@@ -10,12 +10,39 @@ from .config import Config, load_config
 from .errors import UserError
 
 
-def add_config_args(parser: argparse.ArgumentParser, default: str | None = None) -> None:
-    parser.add_argument("--config", default=default, help="YAML file overriding the defaults in core/config.py")
+def add_set_arg(parser: argparse.ArgumentParser, of: str = "the config") -> None:
+    """``--set KEY=VALUE`` (repeatable) into ``args.overrides``: overrides of ``of`` (a YAML file, a run's or a
+    checkpoint's config)."""
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override one config value, e.g. --set detector.iters=500 (repeatable)",
+        help=f"override one value of {of}, e.g. --set detector.iters=500 (repeatable)",
     )
+
+
+def add_config_args(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    parser.add_argument("--config", default=default, help="YAML file overriding the defaults in core/config.py")
+    add_set_arg(parser)
+
+
+def add_shard_arg(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--shard I/N`` (0 <= I < N) into ``args.shard`` as (I, N)."""
+    from .distributed import parse_shard
+
+    parser.add_argument("--shard", type=parse_shard, metavar="I/N", help=help)
+
+
+def counts(option: str) -> Callable[[str], list[int]]:
+    """An argparse type for ``option``: comma-separated positive integers -> sorted distinct list."""
+    def parse(text: str) -> list[int]:
+        try:
+            values = sorted({int(t) for t in str(text).split(",") if t.strip()})
+        except ValueError:
+            values = []
+        if not values or values[0] <= 0:
+            raise UserError(f"{option} {text!r}: expected comma-separated positive integers, e.g. 10,100,1000")
+        return values
+
+    return parse
 
 
 def config_from_args(args) -> Config:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.cli import run_main
+from core.cli import add_set_arg, run_main
 from core.config import load_config
 from core.errors import CheckpointError, DataError, ImageError, UserError, is_out_of_memory
 from core.images import IMAGE_EXT, image_files
@@ -156,8 +156,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-side", type=int, default=1000, help="longer side cap in pixels (0 = none)")
     ap.add_argument("--proposer-checkpoint", help="DeepMask checkpoint (instead of --run)")
     ap.add_argument("--detector-checkpoint", help="Fast R-CNN checkpoint (instead of --run)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config value, e.g. --set deepmask.mask_threshold=0.1")
+    add_set_arg(ap, "the run's (or the detector checkpoint's) config, e.g. deepmask.mask_threshold=0.1")
     args = ap.parse_args(argv)
     if args.top is not None and args.top < 1:
         raise UserError(f"--top must be >= 1, got {args.top}")

@@ -20,7 +20,7 @@ import json
 import logging
 from pathlib import Path
 
-from core.cli import run_main
+from core.cli import counts as counts_arg, run_main
 from core.errors import DataError
 from core.io import write_json
 
@@ -45,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--proposals", required=True, action="append",
                    help="COCO results json, or a proposal store folder (repeat to compare methods)")
     p.add_argument("--iou-type", choices=("bbox", "segm"), default="bbox")
-    p.add_argument("--counts", default="10,100,1000", help="proposal counts for AR@n (comma separated)")
+    p.add_argument("--counts", type=counts_arg("--counts"), default=[10, 100, 1000],
+                   help="proposal counts for AR@n (comma separated; default 10,100,1000)")
     p.add_argument("--no-sizes", action="store_true",
                    help="skip the small/medium/large ranges (about 4x faster; no AR_S/M/L keys)")
     p.add_argument("--plot", metavar="PNG", help="also write the localisation plots (recall vs IoU, recall at IoU "
@@ -71,12 +72,7 @@ def _proposals(args) -> dict:
     from proposals.recall import evaluate_proposals, gt_from_coco, gt_from_records, load_results, \
         nan_to_none, results_from_store
 
-    try:
-        counts = sorted({int(c) for c in args.counts.split(",") if c.strip()})
-    except ValueError:
-        raise DataError(f"--counts {args.counts!r}: expected comma-separated integers") from None
-    if not counts or counts[0] < 1:
-        raise DataError(f"--counts {args.counts!r}: counts must be >= 1")
+    counts = args.counts
     ds = None
     if args.coco:
         gt = gt_from_coco(args.coco)

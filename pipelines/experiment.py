@@ -46,6 +46,10 @@ class RunPaths:
     def store(self, method: str, split: str) -> Path:
         return self.root / "proposals" / f"{method}_{split}"
 
+    def results(self, detector: Path) -> Path:
+        """The sweep's test results of the detector in folder `detector` (``results/<its name after detector_>``)."""
+        return self.root / "results" / Path(detector).name.removeprefix("detector_")
+
     def detector(self, method: str, seed: int | None = None) -> Path:
         """The detector of `method` trained with `seed`; None: the run's main seed (``detector_<method>``)."""
         return self.root / (f"detector_{method}" if seed is None else f"detector_{method}_seed{seed}")

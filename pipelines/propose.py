@@ -19,18 +19,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from core.cli import add_config_args, config_from_args, run_main
+from core.cli import add_config_args, add_shard_arg, config_from_args, run_main
 from core.errors import UserError
-
-
-def _shard(text: str) -> tuple[int, int]:
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise UserError(f"--shard {text!r}: expected I/N, e.g. 0/4") from None
-    if n < 1 or not 0 <= i < n:
-        raise UserError(f"--shard {text!r}: need 0 <= I < N")
-    return i, n
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", help="image folder of --coco")
     p.add_argument("--out", required=True, help="proposal store folder (created, or resumed)")
     p.add_argument("--max-images", type=int, help="only the first N images of the split")
-    p.add_argument("--shard", type=_shard, metavar="I/N", help="this process's share: images I, I+N, I+2N, ...")
+    add_shard_arg(p, "this process's share: images I, I+N, I+2N, ...")
     p.add_argument("--workers", type=int, help="worker processes (default: ss.workers for SelectiveSearch, 1 else)")
     p.add_argument("--top", type=int, help="keep at most N proposals per image (sets ss / deepmask / random .top_n)")
     p.add_argument("--ss-backend", choices=("skimage", "opencv"), help="sets ss.backend")

@@ -20,24 +20,15 @@ import io
 import logging
 from pathlib import Path
 
-from core.cli import run_main
+from core.cli import add_set_arg, counts as counts_arg, run_main
 from core.config import Config, load_config
 from core.errors import DataError
 from core.io import atomic_write_text, write_json
+from pipelines.experiment import RunPaths
 
 log = logging.getLogger(__name__)
 
 LABEL = {"deepmask": "DeepMask", "selective_search": "SelectiveSearch", "random": "random boxes"}
-
-
-def parse_counts(text: str) -> list[int]:
-    try:
-        counts = sorted({int(t) for t in text.split(",") if t.strip()})
-    except ValueError:
-        raise DataError(f"--counts '{text}': expected comma-separated integers, e.g. 10,100,1000") from None
-    if not counts or counts[0] <= 0:
-        raise DataError(f"--counts '{text}': counts must be positive")
-    return counts
 
 
 def recall_curves(cfg: Config, run: Path, test_ds, methods, max_count: int, progress: bool = True) -> dict:
@@ -56,7 +47,7 @@ def recall_curves(cfg: Config, run: Path, test_ds, methods, max_count: int, prog
         p = Path(cfg.data.synthetic_root) / "annotations" / f"instances_{cfg.data.test_split}.json"
         seg_json = p if p.is_file() else None
     for method in methods:
-        store = ProposalStore.open(run / "proposals" / f"{method}_{test_ds.split}")
+        store = ProposalStore.open(RunPaths(run).store(method, test_ds.split))
         pr = ProposalRecall(box_gt, results_from_store(store, top=max_count), "bbox", max_count=max_count,
                             progress=progress, source=str(store.path), iou_thresholds=LOC_IOU_THRESHOLDS)
         out["box"][method] = {"counts": grid, "AR": [round(float(v), 5) for v in pr.ar_curve(grid)]}
@@ -90,11 +81,9 @@ def run_sweep(run, cfg: Config | None = None, counts: list[int] | None = None, p
     counts = sorted(counts or cfg.sweep.counts)
     test_ds = VOCDataset(cfg.data.voc, cfg.data.test_split, max_images=cfg.data.test_images)
     methods = list(methods or cfg.sweep.methods)
-    from pipelines.experiment import RunPaths
-
     seed_rows = []
     for method in methods:
-        store = run / "proposals" / f"{method}_{test_ds.split}"
+        store = RunPaths(run).store(method, test_ds.split)
         for seed, folder in RunPaths(run).detectors(cfg, method):
             ckpt = folder / "final.pt"
             for p, what in ((ckpt, f"trained detector (seed {seed})"), (store / "meta.json", "test proposals")):
@@ -104,8 +93,8 @@ def run_sweep(run, cfg: Config | None = None, counts: list[int] | None = None, p
                            f"--out {folder}`" if method.startswith("imported:") else "`python -m pipelines.run`")
                     raise DataError(f"{p}: missing {what} of method '{method}' (run {how} first)")
             log.info("sweep: %s detector (seed %d) with top %s proposals on %s", method, seed, counts, test_ds.split)
-            res = test_detector(ckpt, store, test_ds, tops=counts, out_dir=run / "results" / folder.name.removeprefix("detector_"),
-                                cfg=cfg, progress=progress)
+            res = test_detector(ckpt, store, test_ds, tops=counts, out_dir=RunPaths(run).results(folder), cfg=cfg,
+                                progress=progress)
             for n in counts:
                 seed_rows.append(_row(method, n, seed, res[n], "fixed", cfg.detector.train_top))
         for n, seed, folder in RunPaths(run).retrained(cfg, method):
@@ -118,8 +107,8 @@ def run_sweep(run, cfg: Config | None = None, counts: list[int] | None = None, p
                 raise DataError(f"{ckpt}: missing re-trained detector (top {n}, seed {seed}) of method '{method}' "
                                 "(run `python -m pipelines.run` first)")
             log.info("sweep: %s detector re-trained with top %d (seed %d), tested with top %d", method, n, seed, n)
-            res = test_detector(ckpt, store, test_ds, tops=[n], out_dir=run / "results" /
-                                folder.name.removeprefix("detector_"), cfg=cfg, progress=progress)
+            res = test_detector(ckpt, store, test_ds, tops=[n], out_dir=RunPaths(run).results(folder), cfg=cfg,
+                                progress=progress)
             seed_rows.append(_row(method, n, seed, res[n], "retrain", n))
     rows = aggregate_seeds(seed_rows)
 
@@ -224,15 +213,17 @@ def format_summary(summary: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipelines.sweep", description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", required=True, help="run folder, e.g. runs/shapes")
-    ap.add_argument("--counts", type=parse_counts, default=None,
+    ap.add_argument("--counts", type=counts_arg("--counts"), default=None,
                     help="proposal counts, e.g. 10,20,50,100,200,300,500,1000,2000 (default: the config's)")
     ap.add_argument("--methods", default=None, help="comma-separated methods (default: the config's sweep.methods), "
                     "e.g. deepmask,selective_search,imported:NAME")
+    add_set_arg(ap, "the run's config (test settings, e.g. detector.svd=true)")
     args = ap.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     if args.methods is not None and not methods:
         raise DataError(f"--methods {args.methods!r}: no method given")
-    summary = run_sweep(args.run, counts=args.counts, methods=methods)
+    cfg = load_config(str(Path(args.run) / "config.yaml"), args.overrides) if args.overrides else None
+    summary = run_sweep(args.run, cfg=cfg, counts=args.counts, methods=methods)
     from core import distributed
 
     if not distributed.is_main():  # torchrun: rank 0 reports

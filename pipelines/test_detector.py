@@ -23,42 +23,27 @@ from __future__ import annotations
 import argparse
 import json
 
-from core.cli import run_main
+from core.cli import add_set_arg, add_shard_arg, counts, run_main
 from core.errors import ConfigError
-
-
-def parse_tops(text: str) -> list[int]:
-    try:
-        tops = [int(t) for t in str(text).split(",") if t.strip()]
-    except ValueError:
-        raise ConfigError(f"--top '{text}': expected comma-separated positive integers, e.g. 100,500,2000") from None
-    if not tops or any(t <= 0 for t in tops):
-        raise ConfigError(f"--top '{text}': expected comma-separated positive integers, e.g. 100,500,2000")
-    return tops
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipelines.test_detector", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="final.pt (or ckpt_<iter>.pt) of train_detector")
     p.add_argument("--proposals", required=True, help="proposal store of the test split")
-    p.add_argument("--top", required=True, help="proposal counts, comma-separated (e.g. 100,500,2000)")
+    p.add_argument("--top", required=True, type=counts("--top"),
+                   help="proposal counts, comma-separated (e.g. 100,500,2000)")
     p.add_argument("--voc", default=None, help="VOCdevkit VOC2007 folder (default: the checkpoint's data.voc)")
     p.add_argument("--split", default=None, help="test split (default: the checkpoint's data.test_split)")
     p.add_argument("--out", required=True, help="results folder")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a value of the checkpoint's config, e.g. --set detector.svd=true (repeatable)")
+    add_set_arg(p, "the checkpoint's config (e.g. detector.svd=true)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--shard", metavar="I/N", help="detect only images I, I+N, ... into RESDIR/shards (no evaluation)")
+    add_shard_arg(p, "detect only images I, I+N, ... into RESDIR/shards (no evaluation)")
     p.add_argument("--merge", action="store_true", help="merge RESDIR/shards (from every --shard I/N) and evaluate")
     args = p.parse_args(argv)
-    tops = parse_tops(args.top)
-    shard = None
-    if args.shard is not None:
-        from core.distributed import parse_shard
-
-        shard = parse_shard(args.shard)
-        if args.merge:
-            raise ConfigError("--merge evaluates the shards of every --shard I/N run: give it without --shard")
+    tops, shard = args.top, args.shard
+    if shard is not None and args.merge:
+        raise ConfigError("--merge evaluates the shards of every --shard I/N run: give it without --shard")
 
     from core.datasets import VOCDataset
     from detector.model import DetectorCheckpoint

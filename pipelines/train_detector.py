@@ -5,7 +5,8 @@
 
 Dataset: data.voc / data.train_split (or --voc / --split), its first data.train_images images when that is > 0 (as
 pipelines.run); the store must be for that dataset and split.
-Outputs in --out (default runs/<name>/detector): config.yaml, ckpt_<iter>.pt (latest), history.json, final.pt.
+Outputs in --out (default runs/<name>/detector_<method of the store>, where pipelines.run keeps it): config.yaml,
+ckpt_<iter>.pt (latest), history.json, final.pt.
 Running the same command again resumes from the latest checkpoint (or skips if final.pt is complete).
 The last line of stdout is JSON: {"final": path or null, "iteration": int}.
 """
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--proposals", required=True, help="proposal store of the training split")
     p.add_argument("--top", type=int, default=None,
                    help="proposals per training image (default detector.train_top; 0 = all)")
-    p.add_argument("--out", default=None, help="output folder (default runs/<name>/detector)")
+    p.add_argument("--out", default=None, help="output folder (default runs/<name>/detector_<method>)")
     p.add_argument("--voc", default=None, help="VOCdevkit VOC2007 folder (default data.voc)")
     p.add_argument("--split", default=None, help="training split (default data.train_split)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -48,7 +49,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # data.train_images > 0: the first N images of the split, as pipelines.run trains on
     dataset = VOCDataset(cfg.data.voc, cfg.data.train_split, max_images=cfg.data.train_images)
-    out = args.out or str(cfg.run_dir / "detector")
+    if args.out:
+        out = args.out
+    else:  # where pipelines.run keeps the detector of the store's method (pipelines.detect --run finds it)
+        from core.store import ProposalStore
+        from pipelines.experiment import RunPaths
+
+        out = str(RunPaths(cfg.run_dir).detector(ProposalStore.open(args.proposals).method))
     res = train_detector(cfg, args.proposals, dataset, out, top=args.top, progress=not args.no_progress)
     print(json.dumps({"final": res["final"], "iteration": res["iteration"]}))
     return 0

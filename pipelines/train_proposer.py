@@ -34,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = dataclasses.replace(cfg, deepmask=dataclasses.replace(cfg.deepmask, val_sets=[]))
     from proposals.deepmask.train import train_deepmask
 
-    out = Path(args.out) if args.out else cfg.run_dir / "deepmask"
+    from pipelines.experiment import RunPaths
+
+    out = Path(args.out) if args.out else RunPaths(cfg.run_dir).deepmask
     result = train_deepmask(cfg, out, progress=not args.no_progress)
     import logging
 
