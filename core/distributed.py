@@ -6,7 +6,7 @@ creates the process group from the environment torchrun sets (``RANK``, ``WORLD_
 ``MASTER_ADDR``, ``MASTER_PORT``). Without those variables nothing here does anything: every helper is the identity
 or a no-op, and the code runs as a single process exactly as before (same numbers, same files).
 
-Backends (torchvision references' recipe, reference/NOTES.md "Distributed training"): gloo for CPU tensors, NCCL for
+Backends (the recipe of torchvision's detection references): gloo for CPU tensors, NCCL for
 CUDA tensors (``cpu:gloo,cuda:nccl`` when CUDA is there, so barriers and object collectives stay on the CPU while
 DDP's gradient all-reduce runs on NCCL). Each process uses GPU ``LOCAL_RANK`` when the config says ``device: cuda``.
 

@@ -16,7 +16,8 @@ Regression targets are the R-CNN parameterisation (Girshick et al. 2014, appendi
 ``BBOX_NORMALIZE_TARGETS_PRECOMPUTED`` option and equals torchvision ``BoxCoder(weights=(10, 10, 5, 5))``. The
 original Fast R-CNN code instead estimated per-class means/stds on the training set and folded them into the
 weights at snapshot time; the fixed stds avoid that bookkeeping and are what later code settled on. Widths are
-``x2 - x1`` without the ``+1`` of the official code because our boxes use 0-based pixel edges (DESIGN.md).
+``x2 - x1`` without the ``+1`` of the official code because our boxes use 0-based pixel edges
+(a box covering pixels 0..9 is 0, 0, 10, 10).
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ for each N, detections with score > ``score_thresh`` (0.05) per class, per-class
 The official Fast R-CNN code also removes RoIs that map to the same feature-map cell (DEDUP_BOXES = 1/16) to save
 time; we do not (it would change nothing but speed, and would complicate the slicing by N).
 
-Outputs per N in ``out_dir/top<N>/``: the devkit's ``comp4_det_<split>_<class>.txt`` (detector/voc_eval.py's
+Outputs per N in ``out_dir/top<N>/``: the devkit's ``comp4_det_<split>_<class>.txt`` (detector/voc_results.py's
 writer), ``detections.json`` (COCO-style: image_id, category_id = class index + 1, category, bbox [x,y,w,h] in
 0-based pixels, score) and ``metrics.json``; plus ``out_dir/results.json`` with every N.
 
@@ -43,7 +43,7 @@ from core.images import load_image
 from core.io import read_json, write_json
 from core.training import make_loader
 
-from . import voc_eval
+from . import voc_eval, voc_results
 from .model import DetectorCheckpoint, FastRCNN
 from .transforms import compute_scale, resize_image, to_tensor
 
@@ -147,39 +147,9 @@ def _load_model(model_or_ckpt, device):
     return ck.build(device), ck
 
 
-def present_classes(dataset) -> list[str]:
-    """Classes with at least one non-difficult ground-truth object in the split (VOC07 AP is defined for them)."""
-    counts = np.zeros(len(dataset.classes), np.int64)
-    for rec in dataset:
-        lab = np.asarray(rec.labels, np.int64)[~np.asarray(rec.difficult, bool)]
-        counts += np.bincount(lab, minlength=len(dataset.classes))
-    return [c for c, n in zip(dataset.classes, counts) if n > 0]
-
-
-def test_detector(model_or_ckpt, store, dataset, tops: list[int], out_dir, cfg=None, device: str | None = None,
-                  progress: bool = True, shard: tuple[int, int] | None = None) -> dict:
-    """Detect on every image of ``dataset`` with the top N proposals of ``store`` for each N in ``tops``, in ONE
-    pass over the images; write the result files per N and return {N: {'mAP', 'ap', 'mAP_all', ...}}.
-
-    ``model_or_ckpt``: a FastRCNN, a DetectorCheckpoint, a checkpoint dict or a path. ``store``: a ProposalStore or its path (checked
-    against the dataset and split). ``cfg``: a Config whose ``detector`` test fields (test_scale, max_size,
-    score_thresh, test_nms, max_dets, svd*) are used; default: the checkpoint's config.
-    'mAP' averages the AP over the classes that have (non-difficult) ground truth in the split (all 20 on VOC; the
-    synthetic set uses 6 of the 20 VOC names); 'mAP_all' over all classes (absent ones count 0).
-    ``shard=(I, N)``: only this shard's detections, written to ``out_dir/shards`` (module docstring); returns
-    {'shard': path, 'images': count}. Under torchrun the ranks are the shards (see the module docstring)."""
-    from core.store import ProposalStore
-
-    tops = sorted({int(t) for t in tops})
-    if not tops or tops[0] <= 0:
-        raise ConfigError(f"--top: proposal counts must be positive integers, got {tops}")
-    if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
-        raise ConfigError(f"shard {shard[0]}/{shard[1]}: need 0 <= I < N")
-    ranks = shard is None and distributed.init()  # under torchrun: one shard per rank
-    if ranks:
-        shard = (distributed.rank(), distributed.world_size())
-    progress = progress and (shard is None or not ranks or distributed.is_main())
-    device = str(distributed.device(device or (cfg.device if cfg is not None else "cpu")))
+def _test_model(model_or_ckpt, cfg, dataset, device):
+    """(model in eval mode, config) for testing on ``dataset``: the classes must match; with ``detector.svd`` a
+    copy whose fc6/fc7 are truncated."""
     model, ckpt = _load_model(model_or_ckpt, device)
     if cfg is None:
         if ckpt is None:
@@ -196,7 +166,60 @@ def test_detector(model_or_ckpt, store, dataset, tops: list[int], out_dir, cfg=N
         model = copy.deepcopy(model)
         model.apply_svd(dcfg.svd_fc6_rank, dcfg.svd_fc7_rank)
         log.info("fc6/fc7 replaced by truncated SVD (ranks %d / %d)", dcfg.svd_fc6_rank, dcfg.svd_fc7_rank)
-    model.eval()
+    return model.eval(), cfg
+
+
+def _merge_rank_shards(out_dir, world: int, dataset, store) -> dict:
+    """Under torchrun, once every rank wrote its shard: rank 0 evaluates them as one run and removes them; every
+    rank returns the results."""
+    distributed.barrier()
+    results = None
+    if distributed.is_main():
+        files = [shard_path(out_dir, (r, world)) for r in range(world)]
+        results = evaluate_shards(files, dataset, out_dir, store=store)
+        for f in files:
+            f.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            files[0].parent.rmdir()
+    return distributed.broadcast_object(results)
+
+
+def present_classes(dataset) -> list[str]:
+    """Classes with at least one non-difficult ground-truth object in the split (VOC07 AP is defined for them)."""
+    counts = np.zeros(len(dataset.classes), np.int64)
+    for rec in dataset:
+        lab = np.asarray(rec.labels, np.int64)[~np.asarray(rec.difficult, bool)]
+        counts += np.bincount(lab, minlength=len(dataset.classes))
+    return [c for c, n in zip(dataset.classes, counts) if n > 0]
+
+
+def test_detector(model_or_ckpt, store, dataset, tops: list[int], out_dir, cfg=None, device: str | None = None,
+                  progress: bool = True, shard: tuple[int, int] | None = None) -> dict:
+    """Detect on every image of ``dataset`` with the top N proposals of ``store`` for each N in ``tops``, in ONE
+    pass over the images; write the result files per N and return {N: {'mAP', 'ap', 'mAP_all', ...}}.
+
+    ``model_or_ckpt``: a FastRCNN, a DetectorCheckpoint, a checkpoint dict or a path. ``store``: a ProposalStore or
+    its path (checked against the dataset and split). ``cfg``: a Config whose ``detector`` test fields (test_scale,
+    max_size, score_thresh, test_nms, max_dets, svd*) are used; default: the checkpoint's config. The box decoding
+    is the model's own (its ``box_coder``, from the stds it was trained with).
+    'mAP' averages the AP over the classes that have (non-difficult) ground truth in the split (all 20 on VOC; the
+    synthetic set uses 6 of the 20 VOC names); 'mAP_all' over all classes (absent ones count 0).
+    ``shard=(I, N)``: only this shard's detections, written to ``out_dir/shards`` (module docstring); returns
+    {'shard': path, 'images': count}. Under torchrun the ranks are the shards (see the module docstring)."""
+    from core.store import ProposalStore
+
+    tops = sorted({int(t) for t in tops})
+    if not tops or tops[0] <= 0:
+        raise ConfigError(f"--top: proposal counts must be positive integers, got {tops}")
+    if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
+        raise ConfigError(f"shard {shard[0]}/{shard[1]}: need 0 <= I < N")
+    ranks = shard is None and distributed.init()  # under torchrun: one shard per rank
+    if ranks:
+        shard = (distributed.rank(), distributed.world_size())
+    progress = progress and (shard is None or not ranks or distributed.is_main())
+    device = str(distributed.device(device or (cfg.device if cfg is not None else "cpu")))
+    model, cfg = _test_model(model_or_ckpt, cfg, dataset, device)
+    dcfg = cfg.detector
     store = ProposalStore.open(store) if isinstance(store, (str, Path)) else store
     store.check(dataset.name, dataset.split)
     out_dir = Path(out_dir)
@@ -239,17 +262,7 @@ def test_detector(model_or_ckpt, store, dataset, tops: list[int], out_dir, cfg=N
         path = _write_shard(out_dir, shard, tops, dataset, store, per_top, num_proposals, timing, wall)
         if not ranks:  # an independent job (--shard I/N): merge later with evaluate_shards
             return {"shard": str(path), "images": len(num_proposals)}
-        distributed.barrier()  # every rank's shard is written
-        results = None
-        if distributed.is_main():
-            files = [shard_path(out_dir, (r, shard[1])) for r in range(shard[1])]
-            results = evaluate_shards(files, dataset, out_dir, store=store)
-            for f in files:
-                f.unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                files[0].parent.rmdir()
-        results = distributed.broadcast_object(results)
-        return results
+        return _merge_rank_shards(out_dir, shard[1], dataset, store)
     return _evaluate(dataset, store, tops, out_dir, per_top, n_props, timing, wall, len(data), empty)
 
 
@@ -272,7 +285,7 @@ def _evaluate(dataset, store, tops, out_dir, per_top, n_props, timing, wall, num
     for n in tops:
         dets = voc_eval.detections_by_class(per_top[n], dataset.classes)
         d = out_dir / f"top{n}"
-        voc_eval.write_results(d, dataset.split, dets, dataset.classes)
+        voc_results.write_results(d, dataset.split, dets, dataset.classes)
         write_json(d / "detections.json", _coco_style(per_top[n], dataset.classes))
         logging.getLogger(voc_eval.__name__).addFilter(quiet)
         try:

@@ -1,6 +1,6 @@
 """Image and box transforms of Fast R-CNN: rescaling (shorter side S, longer side at most MAX) and horizontal flips.
 
-All boxes are float32 ``x1, y1, x2, y2`` with 0-based pixel edges (DESIGN.md), so a flip maps ``x -> W - x``
+All boxes are float32 ``x1, y1, x2, y2`` with 0-based pixel edges, so a flip maps ``x -> W - x``
 exactly (no ``-1`` as in the official code's inclusive convention, fast-rcnn ``imdb.append_flipped_images``).
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ def to_tensor(image: np.ndarray, mean, std) -> torch.Tensor:
     """HxWx3 uint8 RGB -> (3,H,W) float32 normalised with the trunk's mean/std (RGB in [0,1]).
 
     The official code subtracts Caffe's BGR pixel means; torchvision / efficientnet weights expect RGB mean/std,
-    so we use whatever the trunk says (NOTES.md: use what matches the weights you load)."""
+    so we use whatever the trunk says: the normalisation its weights were trained with."""
     image = np.ascontiguousarray(image)
     if not image.flags.writeable:
         image = image.copy()

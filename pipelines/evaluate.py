@@ -57,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _detections(args) -> dict:
     from core.datasets import VOCDataset
-    from detector.voc_eval import evaluate_detections, format_table, read_results
+    from detector.voc_eval import evaluate_detections, format_table
+    from detector.voc_results import read_results
 
     ds = VOCDataset(args.voc, args.split)
     records = [ds[i] for i in range(len(ds))]  # parses every XML: errors name the file

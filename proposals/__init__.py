@@ -47,7 +47,7 @@ def _not_computed(method: str) -> UserError:
 def rank_scores(n: int, top_n: int) -> np.ndarray:
     """Scores for a method that only ranks: `1 - rank / top_n` (rank 0 = best).
 
-    SelectiveSearch has no scores (reference NOTES: "a top-N cut must use its ranking explicitly"). These decrease
+    SelectiveSearch has no scores (a top-N cut must use its ranking explicitly). These decrease
     strictly with the rank, lie in (0, 1], and are the same for the same rank in every image, so sorting by score
     (COCO AR with maxDets, the detector's top-N reads) reproduces the ranking exactly.
     """

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from core.errors import UserError
-from pipelines import benchlib
+from pipelines import bench_report, benchlib
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -190,6 +190,6 @@ def test_compare_close_counts_matched_top_boxes(tmp_path):
     b = [(np.array([[0, 0, 10, 10.2], [50, 50, 60, 60]], np.float32), np.array([.9, .7], np.float32), [])]
     (tmp_path / "a.pkl").write_bytes(pickle.dumps(a))
     (tmp_path / "b.pkl").write_bytes(pickle.dumps(b))
-    res = benchlib._compare_close(tmp_path / "a.pkl", tmp_path / "b.pkl")
+    res = bench_report.compare_close(tmp_path / "a.pkl", tmp_path / "b.pkl")
     assert res["matched_fraction"] == 0.5 and not res["identical"]
-    assert benchlib._compare_close(tmp_path / "a.pkl", tmp_path / "a.pkl")["identical"]
+    assert bench_report.compare_close(tmp_path / "a.pkl", tmp_path / "a.pkl")["identical"]

@@ -1,4 +1,4 @@
-"""Checkpoints are data, not code (issue 16): loading one never runs code.
+"""Checkpoints are data, not code: loading one never runs code.
 
 A pickle that would call ``pathlib.Path.touch`` (or ``os.system``) when unpickled, saved with torch.save under the
 names the project reads (``final.pt``, ``last.pt``, ``best.pt``, ``ckpt_<iter>.pt``, a ``pretrained:`` weight file),

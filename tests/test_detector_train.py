@@ -150,7 +150,7 @@ def test_trained_far_above_random_and_multi_top(shapes, tmp_path):
     single = run_test_detector(res["final"], shapes["train_store"], shapes["train"], [8], tmp_path / "r8",
                                progress=False)
     assert single[8]["mAP"] == pytest.approx(trained[8]["mAP"], abs=1e-9)
-    from detector.voc_eval import read_result_file
+    from detector.voc_results import read_result_file
 
     a = read_result_file(tmp_path / "r8" / "top8" / "comp4_det_trainval_car.txt")
     b = read_result_file(tmp_path / "res" / "top8" / "comp4_det_trainval_car.txt")

@@ -1,4 +1,4 @@
-"""Distributed (issue 8): the entry points under a real ``torchrun --nproc_per_node=2`` (gloo on CPU), sharded
+"""Distributed: the entry points under a real ``torchrun --nproc_per_node=2`` (gloo on CPU), sharded
 extraction and testing (ranks and independent ``--shard I/N`` jobs) against single-process runs.
 
 One torchrun launch (the module fixture) runs this file as a script (``--harness SPEC``): in one process group of 2

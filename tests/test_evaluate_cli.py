@@ -13,7 +13,7 @@ import pytest
 
 from core.cli import run_main
 from core.datasets import VOC_CLASSES
-from detector.voc_eval import write_results
+from detector.voc_results import write_results
 from pipelines.evaluate import main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Entry points under a seeded mutation fuzzer (issue 9, part 4).
+"""Entry points under a seeded mutation fuzzer.
 
 Property: for ANY content of a user file (VOC XML annotation, devkit result file, YAML config, --set value) an entry
 point either succeeds (exit 0) or fails with a UserError: exit code 2 and exactly one line ``error: ...``, no
@@ -199,7 +199,7 @@ class World:
         from core.config import to_dict, Config
         from core.datasets import VOCDataset
         from core.synthetic import generate
-        from detector.voc_eval import write_results
+        from detector.voc_results import write_results
         from test_robustness_inputs import box_store
 
         self.root = root

@@ -1,7 +1,7 @@
 """Shared helpers of the robustness tests (tests/test_robustness_*.py, tests/test_fuzz.py), plus checks of the helpers
 themselves.
 
-The robustness contract of every entry point (DESIGN.md "Errors"; issue 9): bad user input gives exactly one line
+The robustness contract of every entry point: bad user input gives exactly one line
 ``error: <message>`` on stderr that names the file, image id or config key, exit code 2, and no traceback.
 ``run_entry`` calls an entry point's ``main`` in-process through ``core.cli.run_main`` (the code path of
 ``python -m pipelines.X``, without the 2-5 s of a fresh interpreter importing torch); ``run_module`` starts a real

@@ -1,4 +1,4 @@
-"""Training guards and memory (issue 9, part 3).
+"""Training guards and memory.
 
 * A non-finite loss (or non-finite weights at a checkpoint) stops either training with one line naming the iteration
   and the setting (``detector.lr`` / ``deepmask.lr``), before the step: the last good checkpoint stays on disk,

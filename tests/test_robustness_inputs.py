@@ -1,4 +1,4 @@
-"""Bad input through the entry points (issue 9, part 1): every case of the matrix below either succeeds (a documented
+"""Bad input through the entry points: every case of the matrix below either succeeds (a documented
 skip with a warning where something is dropped) or ends with exactly one line ``error: ...`` naming the file, image
 id or config key, exit code 2 and no traceback.
 
@@ -275,7 +275,7 @@ def test_image_without_objects(trained, tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         assert TrainEntries(trained["ds"]).skipped == 1
     assert "skipping 1 of 3 training images without (non-difficult) ground-truth objects" in caplog.text
-    from detector.voc_eval import write_results
+    from detector.voc_results import write_results
 
     write_results(tmp_path / "res", "val", {"dog": {"t0": ([[20, 15, 70, 50]], [0.9])}}, trained["ds"].classes)
     res = run_entry("pipelines.evaluate", ["detections", "--voc", trained["voc"], "--split", "val",

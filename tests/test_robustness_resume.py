@@ -1,4 +1,4 @@
-"""Kill and resume (issue 9, part 2): a stage killed with SIGKILL at a random-ish moment and started again with the same
+"""Kill and resume: a stage killed with SIGKILL at a random-ish moment and started again with the same
 command continues from its last checkpoint (trainings) or its last finished image (proposal extraction), and ends
 with exactly the result of an uninterrupted run. A damaged checkpoint is refused with a CheckpointError naming it;
 a write interrupted half-way never replaces the file it was writing.

@@ -1,4 +1,4 @@
-"""The built-in synthetic dataset (core/synthetic.py, pipelines/make_shapes.py)."""
+"""The built-in synthetic dataset (core/shapes.py, core/synthetic.py, pipelines/make_shapes.py)."""
 from __future__ import annotations
 
 import contextlib
@@ -16,8 +16,9 @@ from core.boxes import decode_rles, mask_to_box, masks_to_boxes, xywh_to_xyxy
 from core.datasets import VOC_CLASSES, CocoDataset, VOCDataset
 from core.errors import UserError
 from core.images import load_image
-from core.synthetic import (DIFFICULT_AREA, DIFFICULT_SIDE, DIFFICULT_VISIBLE, MAX_OBJECTS, MIN_KEEP_AREA,
-                            SHAPE_CLASSES, generate, render)
+from core.shapes import (DIFFICULT_AREA, DIFFICULT_SIDE, DIFFICULT_VISIBLE, MAX_OBJECTS, MIN_KEEP_AREA,
+                         SHAPE_CLASSES, render)
+from core.synthetic import generate
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(trainval=8, test=4, size=96, seed=3)

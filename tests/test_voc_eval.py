@@ -9,17 +9,8 @@ import numpy as np
 import pytest
 
 from core.errors import DataError
-from detector.voc_eval import (
-    FlatDetections,
-    detections_by_class,
-    eval_class,
-    evaluate_detections,
-    read_result_file,
-    read_results,
-    result_file,
-    voc07_ap,
-    write_results,
-)
+from detector.voc_eval import FlatDetections, detections_by_class, eval_class, evaluate_detections, voc07_ap
+from detector.voc_results import read_result_file, read_results, result_file, write_results
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 VOC_REAL = SHARED / "voc2007-real" / "VOC2007"
