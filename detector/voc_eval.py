@@ -197,6 +197,23 @@ def as_boxes(boxes, what: str) -> np.ndarray:
     return b
 
 
+def _per_image(boxes, values, dtype, what: str, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """One image's boxes (n,4) and per-box ``values`` (n,) of ``dtype`` (scores, difficult flags), checked."""
+    b = as_boxes(boxes, what)
+    v = np.asarray(values, dtype=dtype).ravel()
+    if v.shape[0] != b.shape[0]:
+        raise DataError(f"{what}: {b.shape[0]} boxes but {v.shape[0]} {name}")
+    return b, v
+
+
+def _stack(parts: list[tuple[np.ndarray, np.ndarray, int]], dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per image (boxes, values, image index) -> all boxes (n,4), values (n,) and image index per box (n,)."""
+    if not parts:
+        return np.zeros((0, 4)), np.zeros(0, dtype), np.zeros(0, np.int64)
+    return (np.concatenate([b for b, _, _ in parts]), np.concatenate([v for _, v, _ in parts]),
+            np.concatenate([np.full(b.shape[0], k, dtype=np.int64) for b, _, k in parts]))
+
+
 def _flatten_dets(dets, index: Mapping, what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """dict {image_id: (boxes, scores)} or FlatDetections -> (boxes (n,4), scores (n,), image index (n,))."""
     if isinstance(dets, FlatDetections) or (isinstance(dets, tuple) and len(dets) == 3):
@@ -208,7 +225,7 @@ def _flatten_dets(dets, index: Mapping, what: str) -> tuple[np.ndarray, np.ndarr
         except KeyError as e:
             raise DataError(f"{what}: detections for image id {e.args[0]!r}, which is not in the split") from None
     else:
-        bl, sl, il = [], [], []
+        parts = []
         for iid, val in dets.items():
             if iid not in index:
                 raise DataError(f"{what}: detections for image id {iid!r}, which is not in the split")
@@ -216,16 +233,8 @@ def _flatten_dets(dets, index: Mapping, what: str) -> tuple[np.ndarray, np.ndarr
                 b, s = val
             except (TypeError, ValueError):
                 raise DataError(f"{what}: image {iid!r}: detections must be (boxes, scores)") from None
-            b = as_boxes(b, f"{what}: image {iid!r}")
-            s = np.asarray(s, dtype=np.float64).ravel()
-            if s.shape[0] != b.shape[0]:
-                raise DataError(f"{what}: image {iid!r}: {b.shape[0]} boxes but {s.shape[0]} scores")
-            bl.append(b)
-            sl.append(s)
-            il.append(np.full(b.shape[0], index[iid], dtype=np.int64))
-        boxes = np.concatenate(bl) if bl else np.zeros((0, 4))
-        scores = np.concatenate(sl) if sl else np.zeros(0)
-        img = np.concatenate(il) if il else np.zeros(0, np.int64)
+            parts.append(_per_image(b, s, np.float64, f"{what}: image {iid!r}", "scores") + (index[iid],))
+        boxes, scores, img = _stack(parts, np.float64)
     if scores.shape[0] != boxes.shape[0]:
         raise DataError(f"{what}: {boxes.shape[0]} boxes but {scores.shape[0]} scores")
     bad = ~(np.isfinite(scores) & np.isfinite(boxes).all(axis=1))
@@ -245,19 +254,9 @@ def eval_class(dets, gts: Mapping, iou_thresh: float = IOU_THRESHOLD, name: str 
     A detection on an image not in gts raises DataError naming it.
     """
     index = {iid: k for k, iid in enumerate(gts)}
-    gb, gi, gd = [], [], []
-    for iid, val in gts.items():
-        b, dif = val
-        b = as_boxes(b, f"ground truth of image {iid!r}")
-        dif = np.asarray(dif, dtype=bool).ravel()
-        if dif.shape[0] != b.shape[0]:
-            raise DataError(f"ground truth of image {iid!r}: {b.shape[0]} boxes but {dif.shape[0]} difficult flags")
-        gb.append(b)
-        gd.append(dif)
-        gi.append(np.full(b.shape[0], index[iid], dtype=np.int64))
-    gt_boxes = np.concatenate(gb) if gb else np.zeros((0, 4))
-    gt_diff = np.concatenate(gd) if gd else np.zeros(0, bool)
-    gt_img = np.concatenate(gi) if gi else np.zeros(0, np.int64)
+    parts = [_per_image(b, dif, bool, f"ground truth of image {iid!r}", "difficult flags") + (index[iid],)
+             for iid, (b, dif) in gts.items()]
+    gt_boxes, gt_diff, gt_img = _stack(parts, bool)
     boxes, scores, img = _flatten_dets(dets, index, name)
     return _eval_arrays(boxes, scores, img, gt_boxes, gt_img, gt_diff, len(index), iou_thresh)
 
