@@ -44,7 +44,7 @@ DET = {"detector.trunk": "small", "detector.pretrained": "", "detector.fc_dim": 
 TOPS = "5,20"
 # pipelines.run on the synthetic set (configs/shapes.yaml made tiny)
 RUN = {"data.synthetic_trainval": 4, "data.synthetic_test": 3, "data.synthetic_size": 64, "ss.workers": 1,
-       "ss.top_n": 50, "sweep.counts": "[5,20]", "name": "tiny",
+       "ss.top_n": 50, "sweep.counts": "[5,20]", "sweep.seeds": "[]", "sweep.retrain_counts": "[]", "name": "tiny",
        **{k: v for k, v in DM.items() if k != "deepmask.lr_scaling"},
        **{k: v for k, v in DET.items() if k not in ("detector.log_every", "detector.lr_scaling")}}
 

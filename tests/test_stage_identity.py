@@ -163,7 +163,7 @@ TINY = [
     "deepmask.checkpoint_every=2", "deepmask.workers=0", "deepmask.top_n=60", "deepmask.object_range=[22.63,128]",
     "ss.workers=1", "ss.top_n=60", "detector.iters=2", "detector.checkpoint_every=2", "detector.lr_steps=[1]",
     "detector.workers=0", "detector.scales=[128]", "detector.test_scale=128", "detector.train_top=40",
-    "sweep.counts=[10,50]",
+    "sweep.counts=[10,50]", "sweep.seeds=[]", "sweep.retrain_counts=[]",  # one detector per method
 ]
 
 
