@@ -54,6 +54,8 @@ def make_store(path, dataset, n_random=60, seed=0, empty=()):
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     root = tmp_path_factory.mktemp("det")
+    # a set of its own: learning must be visible (trained far above random), which the tiny set's 6 images are too
+    # few for
     generate(root / "shapes", trainval=16, test=4, size=96, seed=5, workers=1)
     voc = root / "shapes" / "VOC2007"
     train = VOCDataset(voc, "trainval")

@@ -82,6 +82,7 @@ def run(tmp_path_factory):
     from proposals import extract_proposals
 
     root = tmp_path_factory.mktemp("dist")
+    # a set of its own, smaller than the tiny run's: every entry point runs in two processes sharing two cores
     generate(root / "shapes", trainval=4, test=3, size=64, seed=3, workers=1, progress=False)
     voc = root / "shapes" / "VOC2007"
     train, test = VOCDataset(voc, "trainval"), VOCDataset(voc, "test")
@@ -153,6 +154,8 @@ def _initial(build, seed: int):
 
 
 # ------------------------------------------------------------------------------------------------ training
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_train_proposer_under_torchrun(run):
     from core.config import from_dict
     from core.io import load_checkpoint
@@ -173,6 +176,8 @@ def test_train_proposer_under_torchrun(run):
     load_deepmask(run["dm"] / "best.pt")  # the best checkpoint loads too
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_train_detector_under_torchrun(run):
     from core.config import from_dict
     from core.io import load_checkpoint
@@ -201,6 +206,8 @@ def test_train_detector_under_torchrun(run):
 
 
 # ------------------------------------------------------------------------------------------------ extraction, test
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_proposals_of_two_ranks_equal_one_process(run):
     from core.config import load_config
     from proposals import extract_proposals
@@ -213,6 +220,8 @@ def test_proposals_of_two_ranks_equal_one_process(run):
     _assert_same_store(run["ss_test_2r"], run["ss_test"])
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_detections_of_two_ranks_equal_one_process(run):
     from detector.test import test_detector
 
@@ -222,6 +231,8 @@ def test_detections_of_two_ranks_equal_one_process(run):
     _assert_same_detections(run["res_2r"], run["root"] / "res_1p")
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_independent_shard_jobs_merge_to_one_process(run, tmp_path):
     """--shard I/N as separate jobs (here in-process), then --merge: the single-process store and detections."""
     from test_robustness_common import assert_ok, run_entry
@@ -247,6 +258,8 @@ def test_independent_shard_jobs_merge_to_one_process(run, tmp_path):
             assert (tmp_path / "res" / f"top{n}" / f.name).read_bytes() == f.read_bytes(), f
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_pipeline_run_under_torchrun(run):
     from core.io import load_checkpoint, read_json
 
@@ -269,6 +282,22 @@ def test_pipeline_run_under_torchrun(run):
 
 
 # ------------------------------------------------------------------------------------------------ single process
+@pytest.mark.e2e
+def test_propose_under_torchrun_small(tiny_data, tmp_path):
+    """The quick variant: two processes share the extraction of the tiny set's test split; the store equals one
+    process's."""
+    argv = ["--method", "random", "--voc", str(tiny_data / "VOC2007"), "--split", "test", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "pipelines.propose", *argv, "--out", str(tmp_path / "two")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    from pipelines.propose import main
+
+    assert main([*argv, "--out", str(tmp_path / "one")]) == 0
+    _assert_same_store(tmp_path / "two", tmp_path / "one")
+
+
 def test_single_process_helpers_are_identities():
     from torch.utils.data import DistributedSampler
 

@@ -15,18 +15,16 @@ import pytest
 from core.config import Config, RandomConfig, SSConfig, save_config
 from core.datasets import VOCDataset
 from core.store import ProposalStore
-from core.synthetic import generate
 from proposals import build_proposer, extract_proposals, is_imported, known_method
 from proposals.formats import FORMATS, write_proposal_file
 from proposals.recall import evaluate_proposals, gt_from_records, results_from_store
 from test_robustness_common import assert_ok, assert_user_error, run_entry
 
 
-def make_data(root):
-    """The synthetic set (trainval 4, test 4 images of 128 px) and stores of its test split: 'ss' (SelectiveSearch,
-    top 300) and 'rnd' (random boxes, top 300)."""
-    generate(root / "syn", trainval=4, test=4, size=128, seed=0, workers=1, progress=False)
-    voc = root / "syn" / "VOC2007"
+def make_data(root, shapes):
+    """Stores of the test split (4 images of 128 px) of the synthetic set ``shapes``: 'ss' (SelectiveSearch, top
+    300) and 'rnd' (random boxes, top 300)."""
+    voc = shapes / "VOC2007"
     ds = VOCDataset(voc, "test")
     cfg = Config(ss=SSConfig(top_n=300, seed=0), random=RandomConfig(top_n=300))
     stores = {m: extract_proposals(cfg, name, ds, root / f"{m}_test", progress=False)
@@ -35,8 +33,8 @@ def make_data(root):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_data(tmp_path_factory.mktemp("imp"))
+def data(tmp_path_factory, tiny_data):
+    return make_data(tmp_path_factory.mktemp("imp"), tiny_data)
 
 
 FILE = {"coco": "p.json", "rcnn_mat": "p.mat", "hosang_mat": "hosang", "detectron2": "p.pkl", "mmdet": "mm.pkl",

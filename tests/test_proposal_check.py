@@ -18,8 +18,8 @@ from test_robustness_common import assert_ok, assert_user_error
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_data(tmp_path_factory.mktemp("chk"))
+def data(tmp_path_factory, tiny_data):
+    return make_data(tmp_path_factory.mktemp("chk"), tiny_data)
 
 
 def _entries(data, which):

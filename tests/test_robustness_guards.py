@@ -76,12 +76,9 @@ def test_detector_nan_loss_names_the_iteration(data, tmp_path, monkeypatch):
     assert load_checkpoint(out / "ckpt_2.pt")["iteration"] == 2 and _finite(out / "ckpt_2.pt")
 
 
-def _shapes_coco(tmp_path):
-    from core.synthetic import generate
-
-    generate(tmp_path / "shapes", trainval=4, test=1, size=96, seed=2, workers=1)
-    return (f"deepmask.train_sets=[{{ann: '{tmp_path / 'shapes/annotations/instances_trainval.json'}', "
-            f"images: '{tmp_path / 'shapes/VOC2007/JPEGImages'}'}}]")
+def _shapes_coco(shapes):
+    return (f"deepmask.train_sets=[{{ann: '{shapes / 'annotations/instances_trainval.json'}', "
+            f"images: '{shapes / 'VOC2007/JPEGImages'}'}}]")
 
 
 DM = ["deepmask.trunk=small", "deepmask.patch_size=48", "deepmask.object_size=24", "deepmask.mask_size=8",
@@ -90,9 +87,9 @@ DM = ["deepmask.trunk=small", "deepmask.patch_size=48", "deepmask.object_size=24
       "deepmask.val_every=0", "deepmask.checkpoint_every=2", "deepmask.val_fraction=0.34", "deepmask.min_area=20"]
 
 
-def test_deepmask_divergence_keeps_last_good_checkpoint(tmp_path):
+def test_deepmask_divergence_keeps_last_good_checkpoint(tmp_path, tiny_data):
     out = tmp_path / "dm"
-    res = run_entry("pipelines.train_proposer", ["--out", out, "--no-progress", "--set", _shapes_coco(tmp_path),
+    res = run_entry("pipelines.train_proposer", ["--out", out, "--no-progress", "--set", _shapes_coco(tiny_data),
                                                  *sets(DM + ["deepmask.iters=12", "deepmask.lr=0.01",
                                                              "deepmask.lr_steps=[2]", "deepmask.gamma=1e30"])])
     line = assert_user_error(res, "deepmask training diverged", "deepmask.lr", "last.pt", "is kept")
@@ -101,7 +98,7 @@ def test_deepmask_divergence_keeps_last_good_checkpoint(tmp_path):
     assert 2 <= ck["iteration"] < it and _finite(out / "last.pt")
 
 
-def test_deepmask_nan_loss_names_the_iteration(tmp_path, monkeypatch):
+def test_deepmask_nan_loss_names_the_iteration(tmp_path, monkeypatch, tiny_data):
     import proposals.deepmask.train as dmt
 
     real, calls = dmt.deepmask_loss, []
@@ -113,7 +110,7 @@ def test_deepmask_nan_loss_names_the_iteration(tmp_path, monkeypatch):
 
     monkeypatch.setattr(dmt, "deepmask_loss", loss_inf_at_4)
     out = tmp_path / "dm"
-    res = run_entry("pipelines.train_proposer", ["--out", out, "--no-progress", "--set", _shapes_coco(tmp_path),
+    res = run_entry("pipelines.train_proposer", ["--out", out, "--no-progress", "--set", _shapes_coco(tiny_data),
                                                  *sets(DM + ["deepmask.iters=6"])])
     assert_user_error(res, "diverged at iteration 4", "loss inf", "deepmask.lr", str(out / "last.pt"))
     assert load_checkpoint(out / "last.pt")["iteration"] == 2

@@ -45,21 +45,22 @@ def sets(d: dict) -> list[str]:
     return out
 
 
+pytestmark = pytest.mark.e2e
+
+
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    """6 synthetic training images (longest side 112 px) and their SelectiveSearch store (uninterrupted)."""
+def shapes(tmp_path_factory, tiny_data):
+    """The session's 6 synthetic training images and their SelectiveSearch store (uninterrupted)."""
     from core.config import load_config
     from core.datasets import VOCDataset
-    from core.synthetic import generate
     from proposals import extract_proposals
 
     root = tmp_path_factory.mktemp("resume")
-    generate(root / "shapes", trainval=6, test=1, size=112, seed=3, workers=1)
-    voc = root / "shapes" / "VOC2007"
+    voc = tiny_data / "VOC2007"
     ds = VOCDataset(voc, "trainval")
     store = extract_proposals(load_config(None, []), "selective_search", ds, root / "ss_ref", progress=False)
     return {"root": root, "voc": voc, "ds": ds, "store": store.path,
-            "coco": root / "shapes" / "annotations" / "instances_trainval.json",
+            "coco": tiny_data / "annotations" / "instances_trainval.json",
             "images": voc / "JPEGImages"}
 
 
@@ -114,6 +115,7 @@ def _dm_argv(shapes, out):
     return ["--out", out, "--no-progress", "--set", src, *sets(DM)]
 
 
+@pytest.mark.slow
 def test_train_proposer_killed_and_resumed_equals_uninterrupted(shapes, tmp_path):
     out = tmp_path / "dm_killed"
     argv = _dm_argv(shapes, out)
@@ -142,6 +144,7 @@ def _det_argv(shapes, out, **over):
             "--no-progress", *sets({**DET, **{f"detector.{k}": v for k, v in over.items()}})]
 
 
+@pytest.mark.slow
 def test_train_detector_killed_and_resumed_equals_uninterrupted(shapes, tmp_path):
     out = tmp_path / "det_killed"
     argv = _det_argv(shapes, out)

@@ -173,11 +173,11 @@ def _checkpoints(run: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, tiny_data):
     from pipelines.experiment import run_experiment
 
     work = tmp_path_factory.mktemp("identity")
-    base = TINY + [f"out_dir={work / 'runs'}", "name=tiny"]
+    base = TINY + [f"out_dir={work / 'runs'}", "name=tiny", f"data.synthetic_root={tiny_data}"]
 
     def run(*extra):
         cfg = load_config(str(ROOT / "configs/shapes.yaml"), base + list(extra))

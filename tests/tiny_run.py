@@ -33,8 +33,18 @@ METHODS = ("deepmask", "selective_search", "random")
 TIMING_KEYS = ("images_per_s",)
 
 
-def tiny_overrides(out_dir, name: str = "tiny") -> list[str]:
-    return TINY + [f"out_dir={out_dir}", f"name={name}"]
+def tiny_overrides(out_dir, name: str = "tiny", data=None) -> list[str]:
+    """TINY, the run folder ``out_dir/name`` and, when given, the synthetic set already made at ``data`` (the same
+    generator parameters give the same bytes, so the run's outputs do not depend on where its data lies)."""
+    return TINY + [f"out_dir={out_dir}", f"name={name}"] + ([f"data.synthetic_root={data}"] if data else [])
+
+
+def make_tiny_data(root) -> Path:
+    """The synthetic set of TINY (what pipelines.run would generate for it) at ``root``."""
+    from core.synthetic import generate
+
+    generate(root, trainval=6, test=4, size=128, seed=0, workers=1, progress=False)
+    return Path(root)
 
 
 def versions() -> dict:
@@ -151,14 +161,14 @@ def _predict_digest(run, cfg, test_ds) -> dict:
     return {"detections": len(det["scores"]), "digest": _sha(h)}
 
 
-def run_tiny(out_dir, name: str = "tiny", progress: bool = False):
+def run_tiny(out_dir, name: str = "tiny", data=None, progress: bool = False):
     """The tiny experiment in this process (one thread, as the numbers were pinned); returns the run folder."""
     import torch
 
     from core.config import load_config
     from pipelines.experiment import run_experiment
 
-    cfg = load_config(str(SHAPES), tiny_overrides(out_dir, name))
+    cfg = load_config(str(SHAPES), tiny_overrides(out_dir, name, data))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
