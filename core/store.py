@@ -200,17 +200,21 @@ class ProposalStore:
         self.meta["info"] = dict(info)
         write_json(self.path / "meta.json", self.meta)
 
-    def fingerprint(self, top: int | None = None, image_ids=None) -> str:
-        """SHA-1 of the top `top` boxes of every image (of `image_ids`, default all, in that order): what a
-        detector trained on this store reads. Same boxes, same fingerprint, whatever the settings that made them
-        (a larger top_n of a ranked method keeps its first boxes)."""
+    def fingerprints(self, tops, image_ids=None) -> list[str]:
+        """For each N of `tops` (None: all), the SHA-1 of the top N boxes of every image (of `image_ids`, default
+        all, in that order): what a detector trained on this store with N proposals reads. Same boxes, same
+        fingerprint, whatever the settings that made them (a larger top_n of a ranked method keeps its first
+        boxes). One read of the store serves every N."""
         import hashlib
 
-        h = hashlib.sha1()
+        tops = list(tops)
+        hashes = [hashlib.sha1() for _ in tops]
         for i in (self.image_ids if image_ids is None else image_ids):
-            h.update(str(i).encode() + b"\0")
-            h.update(np.ascontiguousarray(self.get(i, top=top, masks=False).boxes, dtype=np.float32).tobytes())
-        return h.hexdigest()[:16]
+            boxes = np.ascontiguousarray(self.get(i, masks=False).boxes, dtype=np.float32)
+            for h, top in zip(hashes, tops):
+                h.update(str(i).encode() + b"\0")
+                h.update(boxes[:top].tobytes())
+        return [h.hexdigest()[:16] for h in hashes]
 
     def __len__(self):
         return len(self.image_ids)

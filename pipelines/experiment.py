@@ -50,9 +50,10 @@ class RunPaths:
         """The sweep's test results of the detector in folder `detector` (``results/<its name after detector_>``)."""
         return self.root / "results" / Path(detector).name.removeprefix("detector_")
 
-    def detector(self, method: str, seed: int | None = None) -> Path:
-        """The detector of `method` trained with `seed`; None: the run's main seed (``detector_<method>``)."""
-        return self.root / (f"detector_{method}" if seed is None else f"detector_{method}_seed{seed}")
+    def detector(self, method: str, seed: int | None = None, top: int | None = None) -> Path:
+        """The detector of `method` trained with `seed` (None: the run's main seed) and, for the re-train protocol,
+        the top `top` proposals (None: detector.train_top): ``detector_<method>[_top<N>][_seed<k>]``."""
+        return self.root / detector_name(method, seed, top)
 
     def detectors(self, cfg: Config, method: str) -> list[tuple[int, Path]]:
         """(seed, folder) of every detector of `method` the config trains with ``detector.train_top`` proposals
@@ -64,12 +65,8 @@ class RunPaths:
         """(N, seed, folder) of the detectors of the 're-train' protocol (Fast R-CNN §5.5: one detector trained and
         tested with each N of ``sweep.retrain_counts``): ``detector_<method>_top<N>[_seed<k>]``. An N equal to
         ``detector.train_top`` is the fixed protocol's detector itself."""
-        out = []
-        for n in retrain_counts(cfg):
-            for s, folder in self.detectors(cfg, method):
-                out.append((n, s, folder if n == cfg.detector.train_top else
-                            folder.with_name(folder.name.replace(f"detector_{method}", f"detector_{method}_top{n}"))))
-        return out
+        return [(n, s, self.detector(method, None if s == cfg.seed else s, None if n == cfg.detector.train_top else n))
+                for n in retrain_counts(cfg) for s in cfg.detector_seeds]
 
 
 def retrain_counts(cfg: Config) -> list[int]:
@@ -83,12 +80,17 @@ def split_identity(ds) -> dict:
             "ids_sha1": hashlib.sha1(ids.encode()).hexdigest()[:16]}
 
 
+def detector_name(method: str, seed: int | None = None, top: int | None = None) -> str:
+    """detector_<method>[_top<N> (re-train protocol)][_seed<k>]: a detector's folder, and its stage's name with
+    ``train_`` before it."""
+    return f"detector_{method}" + ("" if top is None else f"_top{top}") + ("" if seed is None else f"_seed{seed}")
+
+
 def detector_stage(method: str, seed: int, cfg: Config, top: int | None = None) -> str:
-    """Stage name of a detector: train_detector_<method>[_top<N> (re-train protocol)][_seed<k>]."""
-    if top == cfg.detector.train_top:
-        top = None  # the fixed protocol's detector
-    return f"train_detector_{method}" + ("" if top is None else f"_top{top}") + ("" if seed == cfg.seed else
-                                                                                  f"_seed{seed}")
+    """Stage name of the detector of `method`, `seed` and `top` (a top equal to detector.train_top is the fixed
+    protocol's detector; the run's main seed is left out of the name)."""
+    return "train_" + detector_name(method, None if seed == cfg.seed else seed,
+                                    None if top == cfg.detector.train_top else top)
 
 
 def stage_keys(cfg: Config, train_split: dict, test_split: dict, train_proposals: dict | None = None,
@@ -97,8 +99,9 @@ def stage_keys(cfg: Config, train_split: dict, test_split: dict, train_proposals
     affects), the stages each reads, and the identities of the two splits (:func:`split_identity`). Pure: the
     same inputs give the same keys, on any machine. ``resume_key`` (trainings only) leaves out the fields a
     training may resume across. ``train_proposals``: {(method, N or None): fingerprint of the training proposals a
-    detector trained with the top N (None: detector.train_top) reads} once they exist (:meth:`ProposalStore.fingerprint`); a detector then depends on those boxes rather
-    than on the settings that made them, so an inference setting that leaves its top boxes as they were (a
+    detector trained with the top N (None: detector.train_top) reads} once they exist
+    (:meth:`ProposalStore.fingerprints`); a detector then depends on those boxes rather than on the settings that
+    made them, so an inference setting that leaves its top boxes as they were (a
     larger top_n) does not retrain it. ``imported``: {(method, split): the store's meta params (file, sha1,
     conventions)} of the ``imported:<name>`` methods, whose stores pipelines.import_proposals made."""
     keys: dict[str, dict] = {}
@@ -109,7 +112,7 @@ def stage_keys(cfg: Config, train_split: dict, test_split: dict, train_proposals
         keys["train_deepmask"] = {"key": section_hash(values_for(cfg, DM_TRAIN)),
                                   "resume_key": section_hash(values_for(cfg, DM_TRAIN, resumable=False))}
     for method in methods:
-        for kind, (split, ident, tag) in splits.items():
+        for split, ident, tag in splits.values():
             if is_imported(method):  # no stage makes it: its identity is the imported file's
                 keys[f"proposals_{method}_{split}"] = {"key": section_hash(
                     {"method": method, "split": ident, "store": (imported or {}).get((method, split))}),
@@ -120,6 +123,8 @@ def stage_keys(cfg: Config, train_split: dict, test_split: dict, train_proposals
             if method == "deepmask":
                 deps["deepmask"] = keys["train_deepmask"]["key"]
             keys[f"proposals_{method}_{split}"] = {"key": section_hash(deps), "resume_key": None}
+    train = {k: v for k, v in values_for(cfg, DET_TRAIN).items() if k != "seed"}  # the seed is per detector
+    fixed = {k: v for k, v in values_for(cfg, DET_TRAIN, resumable=False).items() if k != "seed"}
     for method in methods:
         for top in [None] + retrain_counts(cfg):
             for seed in cfg.detector_seeds:
@@ -132,8 +137,6 @@ def stage_keys(cfg: Config, train_split: dict, test_split: dict, train_proposals
                         "split_fields": values_for(cfg, TRAIN_SPLIT)}
                 if top is not None and top != cfg.detector.train_top:
                     deps["train_top"] = top
-                train = {k: v for k, v in values_for(cfg, DET_TRAIN).items() if k != "seed"}
-                fixed = {k: v for k, v in values_for(cfg, DET_TRAIN, resumable=False).items() if k != "seed"}
                 keys[name] = {"key": section_hash({**deps, "detector": train}),
                               "resume_key": section_hash({**deps, "detector": fixed})}
     reads = {name: v["key"] for name, v in keys.items()
@@ -299,10 +302,11 @@ def run_experiment(cfg: Config, progress: bool = True) -> dict:
         fingerprints = {}
         for m in methods:
             store = ProposalStore.open(stores[m, train_ds.split])
-            for top in [None] + retrain_counts(cfg):
-                fingerprints[m, top] = store.fingerprint((cfg.detector.train_top if top is None else top) or None,
-                                                         train_ds.image_ids)
-    keys = stage_keys(cfg, split_identity(train_ds), split_identity(test_ds), distributed.broadcast_object(fingerprints),
+            tops = [None] + retrain_counts(cfg)
+            reads = [(cfg.detector.train_top if top is None else top) or None for top in tops]
+            fingerprints.update(zip(((m, t) for t in tops), store.fingerprints(reads, train_ds.image_ids)))
+    fingerprints = distributed.broadcast_object(fingerprints)
+    keys = stage_keys(cfg, split_identity(train_ds), split_identity(test_ds), fingerprints,
                       imported=imported)
     seen = set()
     for method in methods:

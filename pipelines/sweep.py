@@ -98,8 +98,9 @@ def run_sweep(run, cfg: Config | None = None, counts: list[int] | None = None, p
             for n in counts:
                 seed_rows.append(_row(method, n, seed, res[n], "fixed", cfg.detector.train_top))
         for n, seed, folder in RunPaths(run).retrained(cfg, method):
-            same = [r for r in seed_rows if (r["method"], r["N"], r["seed"], r["protocol"]) == (method, n, seed, "fixed")]
-            if folder.name == RunPaths(run).detector(method, None if seed == cfg.seed else seed).name and same:
+            same = [r for r in seed_rows
+                    if (r["method"], r["N"], r["seed"], r["protocol"]) == (method, n, seed, "fixed")]
+            if n == cfg.detector.train_top and same:
                 seed_rows.append({**same[0], "protocol": "retrain"})  # N = detector.train_top: the fixed detector
                 continue
             ckpt = folder / "final.pt"
