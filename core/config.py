@@ -190,9 +190,10 @@ class DeepMaskConfig:
     # ~1.3x slower on the 2-core CPU measured (README "Speed")
     scale_batch: bool = opt(False)
     chunk: int = opt(128, range="[1, big]")  # candidates pasted / RLE-encoded at a time (bounds memory)
-    # number format of the trunk and heads at inference: float32 (exact), or bfloat16 / float16 (CPUs with AMX or
-    # AVX512-BF16, GPUs): much faster matrix products, scores and masks within ~1% (ranking may change slightly)
-    infer_dtype: str = opt("float32", DM_INFER)
+    # number format of the trunk and heads at inference: auto (bfloat16 on CPUs with AMX or AVX512-BF16 and on
+    # GPUs, float32 elsewhere: core.precision), float32 (exact), bfloat16, float16: bfloat16 gives much faster
+    # matrix products, scores and masks within ~1% (ranking may change slightly). The store records the choice
+    infer_dtype: str = opt("auto", DM_INFER)
 
 
 _DET_BOTH = (DET_TRAIN, DET_TEST)
@@ -250,6 +251,9 @@ class DetectorConfig:
     test_nms: float = opt(0.3, DET_TEST, range="[0, 1]")
     score_thresh: float = opt(0.05, DET_TEST, range="[0, 1]")
     max_dets: int = opt(100, DET_TEST, range="[0, big]")  # per image, all classes
+    # number format of the RoI head (fc6, fc7, classifier, regressor) at test, as deepmask.infer_dtype: auto is
+    # bfloat16 where the hardware has it (core.precision); the trunk stays float32
+    test_dtype: str = opt("auto", DET_TEST)
     svd: bool = opt(False, DET_TEST)  # truncated SVD of fc6/fc7 at test (paper Sec. 3.1)
     svd_fc6_rank: int = opt(1024, DET_TEST, range="[1, big]")
     svd_fc7_rank: int = opt(256, DET_TEST, range="[1, big]")

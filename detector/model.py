@@ -72,7 +72,7 @@ class FastRCNN(nn.Module):
         r = rois.clone()
         r[:, 3:5] = torch.maximum(r[:, 3:5] - 1, r[:, 1:3])
         x = self.roi_pool(feats, r).flatten(1)
-        x = torch.relu(self.fc6(x))
+        x = torch.relu(self.fc6(x.to(self.head_dtype)))
         if self.training:  # diagnostic: fraction of active fc6 units (dead ReLUs make the head predict the prior)
             self.fc6_active = float((x > 0).float().mean())
         x = self.drop6(x)
@@ -81,6 +81,29 @@ class FastRCNN(nn.Module):
 
     def forward(self, images: torch.Tensor, rois: torch.Tensor):
         return self.head(self.features(images), rois)
+
+    @property
+    def head_dtype(self) -> torch.dtype:
+        return self.cls_score.weight.dtype
+
+    def for_inference(self, head_dtype: torch.dtype = torch.float32) -> "FastRCNN":
+        """An inference copy (eval mode, no gradients): the trunk's BatchNorm folded into its convolutions
+        (core.backbones.fuse_for_inference: 2.3x faster trunk on 2 Xeon cores), the RoI head (fc6, fc7, classifier,
+        regressor) in ``head_dtype`` -- bfloat16 where the hardware multiplies it natively, e.g. fc6 at 2000 RoIs
+        5.8x faster on an AMX Xeon. Outputs equal the model's up to float rounding (bfloat16: ~3 digits)."""
+        import copy
+
+        from core.backbones import fuse_for_inference
+
+        trunk, self.trunk = self.trunk, None  # not deep-copied twice
+        try:
+            out = copy.deepcopy(self)
+        finally:
+            self.trunk = trunk
+        out.trunk = fuse_for_inference(trunk)
+        for m in (out.fc6, out.fc7, out.cls_score, out.bbox_pred):
+            m.to(head_dtype)
+        return out.eval().requires_grad_(False)
 
     # ------------------------------------------------------------------------------------------- SVD (Sec. 3.1)
     def apply_svd(self, fc6_rank: int = 1024, fc7_rank: int = 256) -> None:
@@ -134,7 +157,9 @@ def build_detector(dcfg, num_classes: int, pretrained: str | None = None, frozen
         frozen = freeze_early_layers(trunk, dcfg.trunk)
         if frozen:
             log.info("froze %d early trunk parameters (%s .. %s)", len(frozen), frozen[0], frozen[-1])
-    return model
+    # channels-last convolution weights: oneDNN's fast layout on CPU, the activations follow the weights (a training
+    # step of the shapes config 1.35x faster on 2 Xeon cores, python -m pipelines.bench --only 'train.*')
+    return model.to(memory_format=torch.channels_last)
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints

@@ -41,6 +41,7 @@ from core.boxes import clip_boxes
 from core.errors import ConfigError, DataError, UserError, is_out_of_memory
 from core.images import load_image
 from core.io import read_json, write_json
+from core.precision import resolve_dtype
 from core.training import make_loader
 
 from . import voc_eval, voc_results
@@ -166,7 +167,10 @@ def _test_model(model_or_ckpt, cfg, dataset, device):
         model = copy.deepcopy(model)
         model.apply_svd(dcfg.svd_fc6_rank, dcfg.svd_fc7_rank)
         log.info("fc6/fc7 replaced by truncated SVD (ranks %d / %d)", dcfg.svd_fc6_rank, dcfg.svd_fc7_rank)
-    return model.eval(), cfg
+    dtype, name = resolve_dtype(dcfg.test_dtype, next(model.parameters()).device, "detector.test_dtype")
+    log.info("testing with a folded trunk and the RoI head in %s%s", name,
+             " (test_dtype auto)" if dcfg.test_dtype == "auto" else "")
+    return model.for_inference(dtype), cfg
 
 
 def _merge_rank_shards(out_dir, world: int, dataset, store) -> dict:

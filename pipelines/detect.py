@@ -23,6 +23,7 @@ from core.config import load_config
 from core.errors import CheckpointError, DataError, ImageError, UserError, is_out_of_memory
 from core.images import IMAGE_EXT, image_files
 from core.io import atomic_write_bytes, write_json
+from core.precision import resolve_dtype
 
 log = logging.getLogger("pipelines.detect")
 
@@ -169,8 +170,9 @@ def main(argv=None) -> int:
 
     from proposals import build_proposer
 
-    model, classes = det_ckpt.build(cfg.device), det_ckpt.classes
     dcfg = dataclasses.replace(cfg.detector, score_thresh=args.score_thresh)
+    model, classes = det_ckpt.build(cfg.device), det_ckpt.classes
+    model = model.for_inference(resolve_dtype(dcfg.test_dtype, cfg.device, "detector.test_dtype")[0])
     proposer = build_proposer(method, cfg, prop_ckpt)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -163,7 +163,8 @@ def test_batched_scales_give_identical_proposals(trunk):
     # paper geometry (224-px patches: canvases of at least 14x14 cells; for maps of a few cells oneDNN may pick
     # kernels that sum in another order for another map size, which the mosaic cannot reproduce); tiny heads
     dm = DeepMaskConfig(trunk=trunk, mask_size=8, seg_channels=8, lowrank_dim=8, score_hidden=[8, 8],
-                        object_range=[90.51, 256.0], scale_step=0.5, top_n=60, chunk=16, mask_threshold=0.5)
+                        object_range=[90.51, 256.0], scale_step=0.5, top_n=60, chunk=16, mask_threshold=0.5,
+                        infer_dtype="float32")
     torch.manual_seed(0)
     model = build_deepmask(dm, pretrained=False)
     with torch.no_grad():  # non-zero biases and BN statistics: the gaps of the mosaic must not leak

@@ -19,7 +19,8 @@ from proposals.deepmask.model import build_deepmask, upsample_masks
 torch.set_num_threads(1)
 
 TINY = dict(trunk="small", patch_size=64, object_size=32, mask_size=8, seg_channels=8, lowrank_dim=8,
-            score_hidden=[8, 8], object_range=[32.0, 64.0], scale_step=0.5, top_n=20, chunk=7)
+            score_hidden=[8, 8], object_range=[32.0, 64.0], scale_step=0.5, top_n=20, chunk=7,
+            infer_dtype="float32")  # exact comparisons; bfloat16 has its own test
 
 
 def _dm(**kw):

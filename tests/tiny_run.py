@@ -26,6 +26,8 @@ TINY = [
     "detector.iters=4", "detector.checkpoint_every=2", "detector.lr_steps=[3]", "detector.workers=0",
     "detector.scales=[128]", "detector.test_scale=128", "sweep.counts=[10,100]", "sweep.seeds=[0,1]",
     "sweep.retrain_counts=[10]",
+    # float32 inference everywhere: 'auto' would pick bfloat16 on some CPUs and float32 on others
+    "deepmask.infer_dtype=float32", "detector.test_dtype=float32",
 ]
 METHODS = ("deepmask", "selective_search", "random")
 
@@ -120,17 +122,31 @@ def low_threshold_detections(run) -> dict:
     N, the mAP and a digest of detections.json; and the detections of one in-memory image (pipelines.detect's
     path) with the proposal index of each."""
     import dataclasses
-    import tempfile
 
     from core.config import load_config
     from core.datasets import VOCDataset
-    from detector.test import test_detector
 
     run = Path(run)
     cfg = load_config(str(run / "config.yaml"))
     cfg = dataclasses.replace(cfg, detector=dataclasses.replace(cfg.detector, score_thresh=0.0))
     test_ds = VOCDataset(cfg.data.voc, cfg.data.test_split)
+    import torch
+
     out: dict = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as it was pinned: the summation order of 2 threads moves the last bits
+    try:
+        _low_threshold(run, cfg, test_ds, out)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _low_threshold(run, cfg, test_ds, out: dict) -> None:
+    import tempfile
+
+    from detector.test import test_detector
+
     for d in sorted(run.glob("detector_*")):
         method = next(m for m in METHODS if d.name.removeprefix("detector_").startswith(m))
         store = run / "proposals" / f"{method}_{test_ds.split}"
@@ -141,15 +157,7 @@ def low_threshold_detections(run) -> dict:
                 text = (Path(res_dir) / f"top{n}" / "detections.json").read_bytes()
                 out[f"{d.name}/top{n}"] = {"mAP": res[n]["mAP"], "num_detections": res[n]["num_detections"],
                                           "detections": hashlib.sha1(text).hexdigest()[:16]}
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as it was pinned: the summation order of 2 threads moves the last bits
-    try:
-        out["predict"] = _predict_digest(run, cfg, test_ds)
-    finally:
-        torch.set_num_threads(threads)
-    return out
+    out["predict"] = _predict_digest(run, cfg, test_ds)
 
 
 def _predict_digest(run, cfg, test_ds) -> dict:

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from core.backbones import SamePadConv2d, fuse_for_inference
+from core.precision import resolve_dtype
 from core.errors import ConfigError, ImageError
 
 from .canvas import pack_canvases, paste_mask, region_rle
@@ -102,11 +103,7 @@ class DeepMaskProposer:
             raise ConfigError(f"config key 'deepmask.mask_threshold': must be in (0, 1), got {dm.mask_threshold}")
         if dm.infer_pad < 0:
             raise ConfigError(f"config key 'deepmask.infer_pad': must be >= 0, got {dm.infer_pad}")
-        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-        if dm.infer_dtype not in dtypes:
-            raise ConfigError(f"config key 'deepmask.infer_dtype': expected one of {', '.join(dtypes)}, got "
-                              f"{dm.infer_dtype!r}")
-        self.dtype = dtypes[dm.infer_dtype]
+        self.dtype, dtype_name = resolve_dtype(dm.infer_dtype, device, "deepmask.infer_dtype")
         self.model = model.eval().to(device)
         self.device = torch.device(device)
         # the heads in the inference number format: a cast copy unless float32, without the trunk (its inference
@@ -121,9 +118,10 @@ class DeepMaskProposer:
         self.scales = inference_scales(dm)
         lo, hi = covered_object_range(dm)
         self.info = {"object_range_px": [lo, hi], "scales_log2": [round(math.log2(s), 4) for s in self.scales],
-                     "infer_dtype": dm.infer_dtype}
-        log.info("deepmask: %d scales 2^%.2f .. 2^%.2f cover objects of %.0f..%.0f image px (object_size %d)",
-                 len(self.scales), math.log2(min(self.scales)), math.log2(max(self.scales)), lo, hi, dm.object_size)
+                     "infer_dtype": dtype_name}
+        log.info("deepmask: %d scales 2^%.2f .. 2^%.2f cover objects of %.0f..%.0f image px (object_size %d), "
+                 "%s inference%s", len(self.scales), math.log2(min(self.scales)), math.log2(max(self.scales)), lo, hi,
+                 dm.object_size, dtype_name, " (infer_dtype auto)" if dm.infer_dtype == "auto" else "")
         self.patch = model.patch_size
         self.stride = int(getattr(model.trunk, "stride", 16))
         self.pad = int(round(dm.infer_pad * self.patch))
