@@ -33,7 +33,8 @@ DET_TEST = "detector.test"  # Fast R-CNN's detections from a given checkpoint (t
 SWEEP = "sweep"  # which detectors and N the sweep reports
 TRAIN_SPLIT = "data.train_split"  # which images the detector's train split holds (every stage reading it)
 TEST_SPLIT = "data.test_split"  # which images the test split holds
-STAGE_TAGS = (DM_TRAIN, DM_INFER, SS, RANDOM, DET_TRAIN, DET_TEST, SWEEP, TRAIN_SPLIT, TEST_SPLIT)
+REPORT = "report"  # the HTML report (pipelines.report)
+STAGE_TAGS = (DM_TRAIN, DM_INFER, SS, RANDOM, DET_TRAIN, DET_TEST, SWEEP, TRAIN_SPLIT, TEST_SPLIT, REPORT)
 BIG = 1e30  # floats are at most 1e30 (SGD keeps them as float32)
 
 
@@ -274,6 +275,14 @@ class SweepConfig:
 
 
 @dataclass
+class ReportConfig:
+    """runs/NAME/report/index.html (pipelines.report), the run's last stage."""
+
+    images: int = opt(0, REPORT, range="[0, big]")  # test images in the per-image viewer (0 = all)
+    top_k: int = opt(100, REPORT, range="[1, 10000]")  # proposals per image and method the viewer's slider reaches
+
+
+@dataclass
 class Config:
     name: str = opt("default")
     out_dir: str = opt("runs")
@@ -285,6 +294,7 @@ class Config:
     deepmask: DeepMaskConfig = field(default_factory=DeepMaskConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -296,7 +306,7 @@ class Config:
         return list(dict.fromkeys(self.sweep.seeds)) or [self.seed]
 
 
-SECTIONS = ("data", "ss", "random", "deepmask", "detector", "sweep")
+SECTIONS = ("data", "ss", "random", "deepmask", "detector", "sweep", "report")
 
 
 def leaf_fields(cls=None, prefix: str = ""):

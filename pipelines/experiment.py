@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 from core import distributed
-from core.config import (DET_TEST, DET_TRAIN, DM_INFER, DM_TRAIN, RANDOM, SS, SWEEP, TEST_SPLIT, TRAIN_SPLIT,
-                         CocoSource, Config, save_config, section_hash, values_for)
+from core.config import (DET_TEST, DET_TRAIN, DM_INFER, DM_TRAIN, RANDOM, REPORT, SS, SWEEP, TEST_SPLIT,
+                         TRAIN_SPLIT, CocoSource, Config, save_config, section_hash, values_for)
 from core.errors import ConfigError
 from core.io import read_json, write_json
 from proposals import is_imported, known_method
@@ -32,6 +32,7 @@ from proposals import is_imported, known_method
 log = logging.getLogger(__name__)
 
 METHOD_TAG = {"deepmask": DM_INFER, "selective_search": SS, "random": RANDOM}
+REPORT_VERSION = 1  # of pipelines.report's page and files: a new version rebuilds the report of a finished run
 SWEEP_OUTPUTS = ("sweep.json", "sweep.csv", "recall.json", "figure5.png", "recall.png", "recall_iou.png", "results")
 
 
@@ -144,6 +145,8 @@ def stage_keys(cfg: Config, train_split: dict, test_split: dict, train_proposals
     keys["sweep"] = {"key": section_hash({"sweep": values_for(cfg, SWEEP), "test": values_for(cfg, DET_TEST),
                                           "reads": reads, "split": test_split,
                                           "split_fields": values_for(cfg, TEST_SPLIT)}), "resume_key": None}
+    keys["report"] = {"key": section_hash({"sweep": keys["sweep"]["key"], "report": values_for(cfg, REPORT),
+                                           "version": REPORT_VERSION}), "resume_key": None}
     return keys
 
 
@@ -328,6 +331,11 @@ def run_experiment(cfg: Config, progress: bool = True) -> dict:
 
     stages.run("sweep", keys["sweep"]["key"], lambda: run_sweep(paths.root, cfg=cfg, progress=progress) and
                "sweep.json", outputs=[paths.root / n for n in SWEEP_OUTPUTS])
+    # 5. the HTML report
+    from pipelines.report import build_report
+
+    stages.run("report", keys["report"]["key"], lambda: str(build_report(paths.root, cfg, progress=progress)),
+               outputs=paths.root / "report")
     summary = read_json(paths.root / "sweep.json")
     summary["stages_run"] = list(stages.ran)
     return summary

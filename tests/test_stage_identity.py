@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from core.config import (DET_TEST, DET_TRAIN, DM_INFER, DM_TRAIN, RANDOM, SS, SWEEP, TEST_SPLIT, TRAIN_SPLIT,
-                         CocoSource, Config, field_info, leaf_fields, load_config)
+from core.config import (DET_TEST, DET_TRAIN, DM_INFER, DM_TRAIN, RANDOM, REPORT, SS, SWEEP, TEST_SPLIT,
+                         TRAIN_SPLIT, CocoSource, Config, field_info, leaf_fields, load_config)
 from pipelines.experiment import stage_keys
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +36,8 @@ def _expected(tags: tuple, stages) -> set[str]:
         out.add("train_deepmask")
     if out or DET_TEST in tags or SWEEP in tags:
         out.add("sweep")
+    if "sweep" in out or REPORT in tags:  # the report shows the sweep
+        out.add("report")
     return out & set(stages)
 
 
@@ -112,10 +114,10 @@ def test_changing_a_field_reruns_exactly_the_stages_it_affects(key):
 def test_the_image_ids_of_a_split_are_part_of_the_keys():
     a = stage_keys(BASE, TRAIN_ID, TEST_ID)
     b = stage_keys(BASE, TRAIN_ID, {**TEST_ID, "ids_sha1": "c"})
-    assert {s for s in a if a[s] != b[s]} == {f"proposals_{m}_test" for m in METHODS} | {"sweep"}
+    assert {s for s in a if a[s] != b[s]} == {f"proposals_{m}_test" for m in METHODS} | {"sweep", "report"}
     c = stage_keys(BASE, {**TRAIN_ID, "images": 2, "ids_sha1": "d"}, TEST_ID)
     assert {s for s in a if a[s] != c[s]} == ({f"proposals_{m}_trainval" for m in METHODS} |
-                                               {s for s in a if s.startswith("train_detector_")} | {"sweep"})
+                                               {s for s in a if s.startswith("train_detector_")} | {"sweep", "report"})
 
 
 def test_retrain_protocol_detectors_are_stages_of_their_own():
@@ -196,15 +198,15 @@ def test_test_time_settings_never_retrain(tiny):
     # inference and test settings: proposals re-extracted, detections re-tested, every checkpoint byte-identical
     # (the detectors read the top detector.train_top=40 boxes, which a top_n of 50 instead of 60 leaves as they are)
     s = run("deepmask.top_n=50", "detector.score_thresh=0.1")
-    assert set(s["stages_run"]) == {"proposals_deepmask_trainval", "proposals_deepmask_test", "sweep"}
+    assert set(s["stages_run"]) == {"proposals_deepmask_trainval", "proposals_deepmask_test", "sweep", "report"}
     assert _checkpoints(root) == before
     s = run("deepmask.top_n=50", "detector.score_thresh=0.2")
-    assert s["stages_run"] == ["sweep"]
+    assert s["stages_run"] == ["sweep", "report"]
     assert _checkpoints(root) == before
     # fewer proposals than the detector trains on: its inputs changed, so it (alone) is retrained
     s = run("deepmask.top_n=30", "detector.score_thresh=0.2")
     assert set(s["stages_run"]) == {"proposals_deepmask_trainval", "proposals_deepmask_test",
-                                    "train_detector_deepmask", "sweep"}
+                                    "train_detector_deepmask", "sweep", "report"}
     after = _checkpoints(root)
     assert {k: v for k, v in after.items() if not k.startswith("detector_deepmask")} == \
         {k: v for k, v in before.items() if not k.startswith("detector_deepmask")}
@@ -247,7 +249,7 @@ def test_an_imported_store_is_a_method_of_the_run(tiny, tmp_path):
                          progress=False)
     methods = "sweep.methods=[deepmask,selective_search,imported:mine]"
     s = run(*base, methods)
-    assert set(s["stages_run"]) == {"train_detector_imported:mine", "sweep"}
+    assert set(s["stages_run"]) == {"train_detector_imported:mine", "sweep", "report"}
     assert {r["N"] for r in s["rows"] if r["method"] == "imported:mine"} == {10, 50}
     assert (root / "detector_imported:mine" / "final.pt").is_file()
     assert run(*base, methods)["stages_run"] == []
