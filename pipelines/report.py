@@ -210,12 +210,12 @@ def main(argv=None) -> int:
     ap.add_argument("--run", required=True, help="the run folder (runs/NAME) of a finished pipelines.run")
     ap.add_argument("--images", type=int, default=None, help="test images in the viewer (default report.images; "
                     "0 = all)")
-    add_set_arg(ap)
+    add_set_arg(ap, "the run's config, e.g. report.top_k=50")
     args = ap.parse_args(argv)
     run = Path(args.run)
     if not (run / "config.yaml").is_file():
         raise DataError(f"{run}: not a run folder (no config.yaml)")
-    cfg = load_config(str(run / "config.yaml"), args.set)
+    cfg = load_config(str(run / "config.yaml"), args.overrides)
     print(build_report(run, cfg, max_images=args.images))
     return 0
 

@@ -15,7 +15,7 @@ nav a{margin-right:14px} table{border-collapse:collapse;margin:8px 0;font-varian
 td,th{border:1px solid #ddd;padding:3px 7px;text-align:right} th{background:#f4f4f4} td.l,th.l{text-align:left}
 .figs img{max-width:48%;margin-right:1%;border:1px solid #eee} .small{color:#666;font-size:12px}
 #viewer{display:flex;gap:18px;align-items:flex-start} #controls label{display:block;margin:6px 0}
-#canvas{border:1px solid #ccc;max-width:100%} #grid{display:flex;flex-wrap:wrap;gap:4px;margin-top:10px}
+#canvas{border:1px solid #ccc;width:640px;max-width:100%} #grid{display:flex;flex-wrap:wrap;gap:4px;margin-top:10px}
 #grid img,.gallery img{height:72px;cursor:pointer;border:2px solid transparent} #grid img.cur{border-color:#06c}
 .gallery{display:flex;flex-wrap:wrap;gap:6px} .gallery figure{margin:0;text-align:center;font-size:11px}
 pre{background:#f7f7f7;padding:8px;overflow:auto;max-height:420px} #errors{color:#b00;background:#fee}

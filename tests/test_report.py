@@ -86,3 +86,23 @@ def test_report_renders_in_a_headless_browser(tiny_run, tmp_path):
         (tiny_run / "report" / "data" / "index.js").read_text().strip()[len("REPORT = "):-1])["images"])
     # the tables were filled from the data: a Figure 5 row per method and protocol
     assert p.stdout.count("<tr>") > 10
+
+
+def test_report_command_rebuilds_a_run_s_report(tiny_run, tmp_path, capsys):
+    """python -m pipelines.report --run RUN --images 2 on a copy of the tiny run: the viewer holds the first two
+    test images, the --set value is used, and the old report is replaced whole."""
+    from pipelines.report import main
+
+    run = tmp_path / "tiny"
+    shutil.copytree(tiny_run, run)
+    assert main(["--run", str(run), "--images", "2", "--set", "report.top_k=5"]) == 0
+    assert capsys.readouterr().out.strip().endswith("index.html")
+    doc = _js_doc(run / "report" / "data" / "index.js", "REPORT = ")
+    assert [im["i"] for im in doc["images"]] == [0, 1] and doc["top_k"] == 5
+    assert sorted(p.name for p in (run / "report" / "data").glob("img_*.js")) == ["img_0.js", "img_1.js"]
+    item = _js_doc(run / "report" / "data" / "img_0.js", "REPORT_IMAGE(", ");")
+    assert all(len(v) <= 5 for v in item["proposals"].values())
+    from core.errors import DataError
+
+    with pytest.raises(DataError, match="not a run folder"):
+        main(["--run", str(tmp_path / "nothing")])
