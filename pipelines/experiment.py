@@ -334,8 +334,8 @@ def run_experiment(cfg: Config, progress: bool = True) -> dict:
     # 5. the HTML report
     from pipelines.report import build_report
 
-    stages.run("report", keys["report"]["key"], lambda: str(build_report(paths.root, cfg, progress=progress)),
-               outputs=paths.root / "report")
+    stages.run("report", keys["report"]["key"], lambda: str(distributed.run_on_main(
+        build_report, paths.root, cfg, progress=progress)), outputs=paths.root / "report")
     summary = read_json(paths.root / "sweep.json")
     summary["stages_run"] = list(stages.ran)
     return summary

@@ -270,8 +270,8 @@ def test_pipeline_run_under_torchrun(run):
     for method in ("deepmask", "selective_search"):
         rep = load_checkpoint(tiny / f"detector_{method}" / "final.pt")["distributed"]
         assert rep["world_size"] == 2 and rep["identical"], method
-    markers = sorted((tiny / "stages").glob("*.done.json"))
-    assert len(markers) == 8 and all(read_json(m)["status"] == "done" for m in markers)
+    markers = sorted((tiny / "stages").glob("*.done.json"))  # DeepMask, 4 stores, 2 detectors, sweep, report
+    assert len(markers) == 9 and all(read_json(m)["status"] == "done" for m in markers)
     assert not list(tiny.glob("proposals/*.shards")) and not list(tiny.glob("results/*/shards"))
     summary = read_json(tiny / "sweep.json")
     assert {(r["method"], r["N"]) for r in summary["rows"]} == {(m, n) for m in ("deepmask", "selective_search")

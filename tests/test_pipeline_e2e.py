@@ -105,7 +105,7 @@ def test_artefacts_are_well_formed(tiny_run, rerun):
 
 
 def test_rerun_skips_every_stage(rerun):
-    assert rerun.stderr.count("skipped (done for this config)") == 14, rerun.stderr[-2000:]  # 1 + 4 + 2x2x2 + 1
+    assert rerun.stderr.count("skipped (done for this config)") == 15, rerun.stderr[-2000:]  # 1+4+2x2x2+sweep+report
     assert "running" not in rerun.stderr
 
 
@@ -153,6 +153,6 @@ def test_fresh_run_in_a_subprocess_then_rerun(tiny_run, tmp_path):
     t0 = time.time()
     p2 = _run(["pipelines.run", "--config", str(SHAPES), "--quiet", *sets], tmp_path)
     assert p2.returncode == 0, p2.stderr[-3000:]
-    assert p2.stderr.count("skipped (done for this config)") == 14 and time.time() - t0 < first
+    assert p2.stderr.count("skipped (done for this config)") == 15 and time.time() - t0 < first
     for d in sorted((tiny_run / "proposals").iterdir()):
         assert store_digest(tmp_path / "runs" / "tiny" / "proposals" / d.name) == store_digest(d), d.name
