@@ -21,6 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from core.boxes import box_iou, decode_rles
 from core.cli import add_set_arg, run_main
 from core.config import Config, load_config
 from core.errors import DataError
@@ -36,17 +37,6 @@ MISS_TOP = 100
 MISS_GALLERY = 300  # crops shown at most (per method)
 COLORS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
           (70, 240, 240), (240, 50, 230)]
-
-
-def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(n,4) x (m,4) xyxy -> (n,m) IoU."""
-    if len(a) == 0 or len(b) == 0:
-        return np.zeros((len(a), len(b)))
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(2)
-    area = lambda x: np.clip(x[:, 2] - x[:, 0], 0, None) * np.clip(x[:, 3] - x[:, 1], 0, None)  # noqa: E731
-    return inter / np.maximum(area(a)[:, None] + area(b)[None] - inter, 1e-9)
 
 
 def _resized(image: np.ndarray, side: int) -> tuple[np.ndarray, float]:
@@ -75,22 +65,18 @@ def _crop(image: np.ndarray, box) -> np.ndarray | None:
 def _mask_overlay(rles: list[dict], size: tuple[int, int], path: Path) -> None:
     """The masks (COCO RLE, full image size) as one RGBA PNG of ``size`` (w, h): each mask in its colour, 45%
     opaque, the best-ranked on top."""
-    from pycocotools import mask as mask_utils
-
     w, h = size
     out = np.zeros((h, w, 4), np.uint8)
-    for i in reversed(range(len(rles))):
-        r = rles[i]
-        m = mask_utils.decode({"size": r["size"], "counts": r["counts"].encode("ascii")
-                               if isinstance(r["counts"], str) else r["counts"]})
-        m = cv2.resize(m, (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
+    masks = decode_rles(rles)
+    for i in reversed(range(len(masks))):
+        m = cv2.resize(masks[i].view(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
         out[m] = (*COLORS[i % len(COLORS)], 115)
     ok, buf = cv2.imencode(".png", cv2.cvtColor(out, cv2.COLOR_RGBA2BGRA))
     path.write_bytes(buf.tobytes())
 
 
 def _detections(run: Path, folder: str, n: int) -> dict[str, list]:
-    """image id -> [[x1, y1, x2, y2, class index, score], ...] of results/<folder>/top<n>/detections.json."""
+    """image id -> [[x1, y1, x2, y2, class name, score], ...] of results/<folder>/top<n>/detections.json."""
     f = run / "results" / folder / f"top{n}" / "detections.json"
     if not f.is_file():
         return {}
@@ -176,7 +162,7 @@ def build_report(run, cfg: Config | None = None, max_images: int | None = None, 
             if p.masks:
                 _mask_overlay(p.masks[:MASKS_SHOWN], (view.shape[1], view.shape[0]), tmp / "mask" / f"{i}.png")
                 item["masks"] = m
-            best = _box_iou(gt, boxes[:MISS_TOP]).max(1) if len(gt) else np.zeros(0)
+            best = box_iou(gt, boxes[:MISS_TOP]).max(1, initial=0.0)
             keep = ~np.asarray(rec.difficult, bool)
             recall[m] = round(float((best[keep] >= MISS_IOU).mean()), 3) if keep.any() else None
             for j in np.flatnonzero(keep & (best < MISS_IOU)):

@@ -55,7 +55,8 @@ class ConvBNAct(nn.Module):
             x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
         if isinstance(self.bn, FrozenBatchNorm2d):
             # frozen BN is an affine map per channel: applied to the kernel (bn(conv(x)) = conv_{W*s}(x) + b), the
-            # same function and gradients without two passes over the activations (training step 1.2x faster)
+            # same function and gradients without two passes over the activations (each detector of the default run
+            # 60 -> 37 s, clean-clone runs before and after, README "Speed")
             c, bn = self.conv, self.bn
             scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
             bias = bn.bias - bn.running_mean * scale
