@@ -51,12 +51,28 @@ def opt(default, *affects: str, range: str | None = None, resume: bool = False):
 
 
 # ----------------------------------------------------------------------------------------------- sections
+def _key_if_set(default):
+    """A field left out of stage keys while it has its default (added later: older runs keep their keys)."""
+    return field(default=default, metadata={"key_if_set": True})
+
+
 @dataclass
-class CocoSource:
-    """A COCO instances json and the folder its `file_name`s are relative to."""
+class MaskSource:
+    """One set of instance masks for DeepMask: a COCO instances json (`ann`) and the folder its `file_name`s are
+    relative to (`images`); or a binary-mask dataset (core.binary_masks): a folder of `images` and `masks`, a folder
+    of same-named PNG masks thresholded at 128, whose connected components of at least `min_area` of the image
+    (`objects: components`) or whole foreground (`objects: whole`) are the objects; `max_images` > 0 keeps the first
+    N images by name."""
 
     ann: str = ""
     images: str = ""
+    masks: str = _key_if_set("")
+    objects: str = _key_if_set("components")
+    min_area: float = _key_if_set(0.01)
+    max_images: int = _key_if_set(0)
+
+
+CocoSource = MaskSource  # the older name
 
 
 _BOTH_SPLITS = (TRAIN_SPLIT, TEST_SPLIT)
@@ -126,8 +142,8 @@ class DeepMaskConfig:
     # training data (§3.2, §3.4; official DataSampler for the filters)
     # empty = all; [pascal] = the 20 PASCAL classes (DeepMask20)
     categories: list[str] = opt([], DM_TRAIN)
-    train_sets: list[CocoSource] = opt([], DM_TRAIN)
-    val_sets: list[CocoSource] = opt([], DM_TRAIN)  # empty: hold out val_fraction of the train images
+    train_sets: list[MaskSource] = opt([], DM_TRAIN)
+    val_sets: list[MaskSource] = opt([], DM_TRAIN)  # empty: hold out val_fraction of the train images
     val_fraction: float = opt(0.05, DM_TRAIN, range="[0, 1)")
     pos_shift: float = opt(16.0, DM_TRAIN, range="[0, 10000]")  # positive jitter: +-16 px shift (patch pixels) ...
     pos_scale: float = opt(0.25, DM_TRAIN, range="[0, 8]")  # ... scale 2^(+-1/4) ...
@@ -339,10 +355,18 @@ def values_for(cfg, tag: str, section: str | None = None, resumable: bool = True
         node = cfg
         for part in key.split("."):
             node = getattr(node, part)
-        out[key] = dataclasses.asdict(node) if dataclasses.is_dataclass(node) else (
-            [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in node] if isinstance(node, list)
-            else node)
+        out[key] = _key_value(node)
     return out
+
+
+def _key_value(v):
+    """A value as a stage key holds it: dataclasses as dicts without their `key_if_set` fields at the default."""
+    if isinstance(v, list):
+        return [_key_value(x) for x in v]
+    if not dataclasses.is_dataclass(v):
+        return v
+    return {f.name: _key_value(getattr(v, f.name)) for f in dataclasses.fields(v)
+            if not (f.metadata.get("key_if_set") and getattr(v, f.name) == f.default)}
 
 
 # ----------------------------------------------------------------------------------------------- machinery

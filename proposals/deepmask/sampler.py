@@ -152,17 +152,45 @@ def load_records(sources, categories=None) -> list:
         from .model import COCO_PASCAL_CATEGORIES
 
         categories = list(COCO_PASCAL_CATEGORIES)
-    records = []
+    records, label_offset = [], 0  # each source's categories are its own (category-then-instance sampling)
     for src in sources:
-        if not src.ann or not src.images:
-            raise ConfigError("config key 'deepmask.train_sets' / 'deepmask.val_sets': every entry needs 'ann' "
-                              "(COCO instances json) and 'images' (its image folder)")
+        masks = getattr(src, "masks", "")
+        if not src.images or bool(src.ann) == bool(masks):
+            raise ConfigError("config key 'deepmask.train_sets' / 'deepmask.val_sets': every entry needs 'images' "
+                              "(an image folder) and either 'ann' (its COCO instances json) or 'masks' (a folder of "
+                              "same-named PNG masks)")
+        if masks:
+            from core.binary_masks import OBJECTS, BinaryMaskDataset
+
+            if src.objects not in OBJECTS:
+                raise ConfigError(f"config key 'deepmask.train_sets': objects must be one of {OBJECTS}, got "
+                                  f"{src.objects!r} ({masks})")
+            if not 0 <= src.min_area < 1:
+                raise ConfigError(f"config key 'deepmask.train_sets': min_area is a fraction of the image in "
+                                  f"[0, 1), got {src.min_area} ({masks})")
+            if categories:
+                raise ConfigError(f"config key 'deepmask.categories': {masks} is a binary-mask set without "
+                                  "categories; it cannot be filtered by category")
+            ds = BinaryMaskDataset(src.images, masks, src.objects, src.min_area, src.max_images)
+            records.extend(_offset_labels(ds.records, label_offset))
+            label_offset += len(ds.classes)
+            log.info("deepmask data: %d images, %d objects (%s) from %s", len(ds), sum(len(r.boxes) for r in ds.records),
+                     src.objects, masks)
+            continue
         ds = CocoDataset(src.ann, src.images, list(categories) if categories else None)
-        recs = [ds[i] for i in range(len(ds))]
+        n = len(ds) if src.max_images <= 0 else min(len(ds), src.max_images)
+        recs = _offset_labels([ds[i] for i in range(n)], label_offset)
+        label_offset += len(ds.classes)
         if recs and recs[0].segmentations is None:
             raise DataError(f"{src.ann}: no instance masks (DeepMask trains on masks)")
         records.extend(recs)
         log.info("deepmask data: %d images, %d objects from %s", len(recs), sum(len(r.boxes) for r in recs), src.ann)
+    return records
+
+
+def _offset_labels(records: list, offset: int) -> list:
+    for r in records:
+        r.labels = np.asarray(r.labels, np.int64) + offset
     return records
 
 
