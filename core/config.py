@@ -9,15 +9,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
+from .config_parse import BIG, check_range, from_mapping, hints, merge, parse_override, suggest
 from .errors import ConfigError
 
 
@@ -35,7 +32,6 @@ TRAIN_SPLIT = "data.train_split"  # which images the detector's train split hold
 TEST_SPLIT = "data.test_split"  # which images the test split holds
 REPORT = "report"  # the HTML report (pipelines.report)
 STAGE_TAGS = (DM_TRAIN, DM_INFER, SS, RANDOM, DET_TRAIN, DET_TEST, SWEEP, TRAIN_SPLIT, TEST_SPLIT, REPORT)
-BIG = 1e30  # floats are at most 1e30 (SGD keeps them as float32)
 
 
 def opt(default, *affects: str, range: str | None = None, resume: bool = False):
@@ -330,7 +326,7 @@ def leaf_fields(cls=None, prefix: str = ""):
     cls = cls or Config
     for f in dataclasses.fields(cls):
         if f.name in SECTIONS and cls is Config:
-            yield from leaf_fields(f.type if isinstance(f.type, type) else _hints(cls)[f.name], f"{f.name}.")
+            yield from leaf_fields(f.type if isinstance(f.type, type) else hints(cls)[f.name], f"{f.name}.")
         else:
             yield prefix + f.name, f
 
@@ -369,108 +365,6 @@ def _key_value(v):
             if not (f.metadata.get("key_if_set") and getattr(v, f.name) == f.default)}
 
 
-# ----------------------------------------------------------------------------------------------- machinery
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp, key: str):
-    """Check `value` against the annotation `tp`, converting where lossless (int -> float)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        k_tp, v_tp = typing.get_args(tp)
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
-        return {_coerce(k, k_tp, key): _coerce(v, v_tp, f"{key}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
-        return _from_dict(tp, value, key)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 (PyYAML) reads 1e-4 or 1e30, without a dot, as a string
-            try:
-                value = float(value.strip())
-            except ValueError:
-                raise ConfigError(f"config key '{key}': expected a number, got {value!r}") from None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):
-                raise ConfigError(f"config key '{key}': expected a finite number, got {value!r}")
-            return float(value)
-        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
-    if tp is Any:
-        return value
-    raise ConfigError(f"config key '{key}': unsupported type {tp}")
-
-
-def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
-
-
-def _from_dict(cls, data: dict, prefix: str = ""):
-    hints = _hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for k, v in data.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if k not in names:
-            raise ConfigError(f"unknown config key '{key}'" + _suggest(k, names))
-        kwargs[k] = _coerce(v, hints[k], key)
-    return cls(**kwargs)
-
-
-def _suggest(k, names) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(str(k), sorted(names), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
@@ -479,7 +373,7 @@ def from_dict(data: dict) -> Config:
     """Build a Config from a (possibly partial) mapping over the defaults."""
     if not isinstance(data or {}, dict):
         raise ConfigError(f"config: expected a mapping, got {type(data).__name__}")
-    cfg = _from_dict(Config, _merge(to_dict(Config()), data or {}))
+    cfg = from_mapping(Config, merge(to_dict(Config()), data or {}))
     validate(cfg)
     return cfg
 
@@ -489,19 +383,6 @@ def from_dict(data: dict) -> Config:
 # a stage with an unrelated exception (found by tests/test_fuzz.py) or allocating without bound.
 
 
-def _check_range(key: str, value, interval: str) -> None:
-    lo_s, hi_s = (t.strip() for t in interval[1:-1].split(","))
-    lo, hi = (BIG if t == "big" else float(t) for t in (lo_s, hi_s))
-    items = value if isinstance(value, list) else [value]
-    for i, v in enumerate(items):
-        ok = (v > lo if interval[0] == "(" else v >= lo) and (v < hi if interval[-1] == ")" else v <= hi)
-        if not ok:
-            k = f"{key}[{i}]" if isinstance(value, list) else key
-            shown = interval.replace("big", f"{BIG:g}")
-            v = repr(v) if len(repr(v)) <= 24 else f"{float(v):.4g}"
-            raise ConfigError(f"config key '{k}': {v} is out of range (expected a value in {shown})")
-
-
 def validate(cfg: Config) -> None:
     """ConfigError naming the key for a value outside its range (its field's metadata) or inconsistent pairs."""
     for key, f in leaf_fields():
@@ -509,7 +390,7 @@ def validate(cfg: Config) -> None:
             node = cfg
             for part in key.split("."):
                 node = getattr(node, part)
-            _check_range(key, node, f.metadata["range"])
+            check_range(key, node, f.metadata["range"])
     d, dm = cfg.detector, cfg.deepmask
     if d.bg_thresh_lo > d.bg_thresh_hi:
         raise ConfigError(f"config keys 'detector.bg_thresh_lo' ({d.bg_thresh_lo}) > 'detector.bg_thresh_hi' "
@@ -529,22 +410,8 @@ def validate(cfg: Config) -> None:
                           f"{dm.positive_sampling!r}")
 
 
-def parse_override(item: str) -> tuple[list[str], Any]:
-    if "=" not in item:
-        raise ConfigError(f"--set '{item}': expected KEY=VALUE, e.g. detector.iters=1000")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    if not key or any(not p for p in key.split(".")):
-        raise ConfigError(f"--set '{item}': malformed key '{key}'")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
-
-
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    data = _merge(to_dict(Config()), data)
+    data = merge(to_dict(Config()), data)
     for item in overrides or []:
         parts, value = parse_override(item)
         node = data
@@ -553,7 +420,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                 raise ConfigError(f"unknown config key '{'.'.join(parts[: i + 1])}' in --set {item}")
             node = node[p]
         if parts[-1] not in node:
-            raise ConfigError(f"unknown config key '{'.'.join(parts)}' in --set {item}" + _suggest(parts[-1], node))
+            raise ConfigError(f"unknown config key '{'.'.join(parts)}' in --set {item}" + suggest(parts[-1], node))
         node[parts[-1]] = value
     return data
 
