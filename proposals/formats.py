@@ -1,5 +1,5 @@
-"""Proposal files of other projects: readers (for `pipelines.import_proposals`) and writers (the round-trip tests,
-and for handing this project's proposals to other code).
+"""Proposal files of other projects: readers (for `pipelines.import_proposals`; the writers, for the round-trip tests
+and for handing this project's proposals to other code, are in proposals/writers.py).
 
 A reader returns a `ProposalFile`: per image id (as the file names it, a string) the four box columns exactly as
 the file holds them (float64, not converted), the scores (or None) and COCO RLE masks (or None), and the
@@ -39,25 +39,20 @@ Formats (what each reader assumes):
                 image and optional ``scores`` (M,), or per-image arrays ``boxes_<k>`` / ``scores_<k>`` for
                 k = 0 .. N-1 (the index into ``image_ids``). xyxy, edges0, ranked best first within an image.
 
-Pickles: unpickling runs code named by the file. They are read with a restricted unpickler that builds only numpy
-arrays, numpy scalars, the builtin containers and detectron2's BoxMode (a local stand-in, no detectron2 needed);
-anything else is refused with a message naming the object, unless ``trust_pickle`` (``--trust-pickle``) asks for
-Python's full pickle (only for files you made yourself).
+Pickles are read by proposals/pickles.py (a restricted unpickler).
 """
 from __future__ import annotations
 
-import enum
-import io
-import json
 import logging
 import math
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from core.errors import DataError
+
+from .pickles import BoxMode, load_pickle
 
 log = logging.getLogger(__name__)
 
@@ -144,77 +139,6 @@ def _id(v) -> str:
     if isinstance(v, (np.floating, float)) and float(v).is_integer():
         return str(int(v))
     return str(v).strip()
-
-
-# ------------------------------------------------------------------------------------------------- pickles
-
-
-class BoxMode(enum.IntEnum):
-    """Stand-in for detectron2.structures.BoxMode (same values), so its pickles load without detectron2."""
-
-    XYXY_ABS = 0
-    XYWH_ABS = 1
-    XYXY_REL = 2
-    XYWH_REL = 3
-    XYWHA_ABS = 4
-
-
-def _numpy_global(name):
-    def get():
-        for mod in ("numpy._core.multiarray", "numpy.core.multiarray"):
-            try:
-                m = __import__(mod, fromlist=[name])
-                return getattr(m, name)
-            except (ImportError, AttributeError):
-                continue
-        raise DataError(f"numpy has no {name}")  # pragma: no cover
-    return get
-
-
-_SAFE_GLOBALS = {
-    ("numpy", "ndarray"): lambda: np.ndarray,
-    ("numpy", "dtype"): lambda: np.dtype,
-    ("_codecs", "encode"): lambda: __import__("codecs").encode,  # bytes in protocol-2 pickles (latin1 text)
-    ("collections", "OrderedDict"): lambda: __import__("collections").OrderedDict,
-    ("detectron2.structures.boxes", "BoxMode"): lambda: BoxMode,
-    ("detectron2.structures", "BoxMode"): lambda: BoxMode,
-}
-for _mod in ("numpy._core.multiarray", "numpy.core.multiarray"):
-    for _name in ("_reconstruct", "scalar"):
-        _SAFE_GLOBALS[(_mod, _name)] = _numpy_global(_name)
-for _name in ("list", "dict", "tuple", "set", "frozenset", "int", "float", "str", "bytes", "bool", "complex",
-              "bytearray"):
-    _SAFE_GLOBALS[("builtins", _name)] = (lambda n=_name: getattr(__import__("builtins"), n))
-    _SAFE_GLOBALS[("__builtin__", _name)] = _SAFE_GLOBALS[("builtins", _name)]  # Python 2 pickles
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        get = _SAFE_GLOBALS.get((module, name))
-        if get is None:
-            raise pickle.UnpicklingError(f"{module}.{name}")
-        return get()
-
-
-def load_pickle(path, trust_pickle: bool = False):
-    """A pickle's content; only numpy arrays / builtins / BoxMode unless trust_pickle (module docstring)."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            if trust_pickle:
-                return pickle.load(f, encoding="latin1")
-            return _RestrictedUnpickler(f, encoding="latin1").load()
-    except pickle.UnpicklingError as e:
-        if trust_pickle:
-            raise DataError(f"{path}: cannot unpickle ({e})") from None
-        raise DataError(f"{path}: the pickle holds '{e}', which the safe loader does not build (it builds numpy "
-                        "arrays and plain Python containers only); unpickling runs code from the file: pass "
-                        "--trust-pickle to load it with Python's full pickle if you made this file yourself, or "
-                        "convert it to .npz") from None
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except (EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError, KeyError, OSError) as e:
-        raise DataError(f"{path}: cannot read the pickle ({type(e).__name__}: {e})") from None
 
 
 # --------------------------------------------------------------------------------------------------- readers
@@ -484,81 +408,3 @@ def read_proposal_file(path, fmt: str = "auto", split_ids: list[str] | None = No
     if split_ids is None:
         raise DataError("mmdet files are matched to a split by position: the split's image ids are needed")
     return read_mmdet(path, obj, split_ids)
-
-
-# --------------------------------------------------------------------------------------------------- writers
-
-
-def _to_layout(boxes: np.ndarray, layout: str) -> np.ndarray:
-    b = np.asarray(boxes, np.float64)
-    if layout == "xyxy":
-        return b.copy()
-    if layout == "xywh":
-        return np.concatenate([b[:, :2], b[:, 2:] - b[:, :2]], axis=1)
-    if layout == "yxyx":
-        return b[:, [1, 0, 3, 2]].copy()
-    raise ValueError(layout)
-
-
-def _to_base(boxes: np.ndarray, base: str) -> np.ndarray:
-    s, e = BASE_OFFSETS[base]
-    return boxes + np.array([s, s, e, e], np.float64)
-
-
-def write_proposal_file(entries, path, fmt: str) -> None:
-    """Write [(image_id, boxes (n,4) xyxy edges0, scores (n,), masks or None)] in format `fmt` (atomically; for
-    hosang_mat, `path` is a folder of <image_id>.mat files)."""
-    from core.io import atomic_write_bytes, atomic_write_text
-
-    path = Path(path)
-    entries = [(str(i), np.asarray(b, np.float32).reshape(-1, 4), np.asarray(s, np.float32).reshape(-1), m)
-               for i, b, s, m in entries]
-    if fmt == "coco":
-        out = []
-        for iid, b, s, m in entries:
-            wh = _to_layout(b, "xywh")  # float64 of float32: x + w gives x2 back exactly
-            for k in range(len(b)):
-                d = {"image_id": iid, "bbox": [float(v) for v in wh[k]], "score": float(s[k])}
-                if m is not None:
-                    seg = dict(m[k])
-                    if isinstance(seg.get("counts"), bytes):
-                        seg["counts"] = seg["counts"].decode("ascii")
-                    d["segmentation"] = seg
-                out.append(d)
-        atomic_write_text(path, json.dumps(out) + "\n")
-    elif fmt in ("rcnn_mat", "hosang_mat"):
-        import scipy.io
-
-        layout = "yxyx" if fmt == "rcnn_mat" else "xyxy"
-        if fmt == "rcnn_mat":
-            ids = np.empty(len(entries), dtype=object)
-            cells = np.empty(len(entries), dtype=object)
-            for k, (iid, b, _s, _m) in enumerate(entries):
-                ids[k] = iid
-                cells[k] = _to_base(_to_layout(b, layout), "pixels1")
-            buf = io.BytesIO()
-            scipy.io.savemat(buf, {"images": ids, "boxes": cells}, do_compression=True)
-            atomic_write_bytes(path, buf.getvalue())
-        else:
-            path.mkdir(parents=True, exist_ok=True)
-            for iid, b, s, _m in entries:
-                buf = io.BytesIO()
-                scipy.io.savemat(buf, {"boxes": _to_base(_to_layout(b, layout), "pixels1"),
-                                       "scores": s.astype(np.float64).reshape(-1, 1)}, do_compression=True)
-                atomic_write_bytes(path / iid[:2] / f"{iid}.mat", buf.getvalue())
-    elif fmt == "detectron2":
-        obj = {"ids": [iid for iid, *_ in entries], "boxes": [b for _, b, _, _ in entries],
-               "objectness_logits": [s for _, _, s, _ in entries], "bbox_mode": int(BoxMode.XYXY_ABS)}
-        atomic_write_bytes(path, pickle.dumps(obj, protocol=4))
-    elif fmt == "mmdet":
-        obj = [np.concatenate([b, s[:, None]], axis=1).astype(np.float32) for _, b, s, _ in entries]
-        atomic_write_bytes(path, pickle.dumps(obj, protocol=4))
-    elif fmt == "npz":
-        buf = io.BytesIO()
-        np.savez(buf, image_ids=np.array([iid for iid, *_ in entries], dtype=str),
-                 boxes=np.concatenate([b for _, b, _, _ in entries]) if entries else np.zeros((0, 4), np.float32),
-                 scores=np.concatenate([s for _, _, s, _ in entries]) if entries else np.zeros(0, np.float32),
-                 counts=np.array([len(b) for _, b, _, _ in entries], np.int64))
-        atomic_write_bytes(path, buf.getvalue())
-    else:
-        raise DataError(f"unknown format {fmt!r} (choose one of {', '.join(FORMATS)})")

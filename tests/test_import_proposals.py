@@ -16,7 +16,8 @@ from core.config import Config, RandomConfig, SSConfig, save_config
 from core.datasets import VOCDataset
 from core.store import ProposalStore
 from proposals import build_proposer, extract_proposals, is_imported, known_method
-from proposals.formats import FORMATS, write_proposal_file
+from proposals.formats import FORMATS
+from proposals.writers import write_proposal_file
 from proposals.recall import evaluate_proposals, gt_from_records, results_from_store
 from test_robustness_common import assert_ok, assert_user_error, run_entry
 

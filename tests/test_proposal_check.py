@@ -11,7 +11,7 @@ import pytest
 
 from core.store import ProposalStore
 from proposals.check import frame_scales
-from proposals.formats import write_proposal_file
+from proposals.writers import write_proposal_file
 from proposals.importing import import_proposals
 from test_import_proposals import imp, make_data
 from test_robustness_common import assert_ok, assert_user_error
