@@ -44,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="image set with --voc")
     p.add_argument("--proposals", required=True, action="append",
                    help="COCO results json, or a proposal store folder (repeat to compare methods)")
+    p.add_argument("--max-images", type=int, default=0, metavar="N",
+                   help="with --voc: only the first N images of the split are the ground truth (as propose's "
+                        "--max-images); proposals of other images are left out")
     p.add_argument("--iou-type", choices=("bbox", "segm"), default="bbox")
     p.add_argument("--counts", type=counts_arg("--counts"), default=[10, 100, 1000],
                    help="proposal counts for AR@n (comma separated; default 10,100,1000)")
@@ -75,6 +78,8 @@ def _proposals(args) -> dict:
 
     counts = args.counts
     ds = None
+    if args.max_images < 0 or (args.max_images and args.coco):
+        raise DataError("--max-images takes N >= 1 and needs --voc")
     if args.coco:
         gt = gt_from_coco(args.coco)
     else:
@@ -83,7 +88,8 @@ def _proposals(args) -> dict:
         if not args.split:
             raise DataError("--voc needs --split")
         ds = VOCDataset(args.voc, args.split)
-        gt = gt_from_records((ds[i] for i in range(len(ds))), ds.classes, name=f"{ds.root} split '{args.split}'")
+        n = len(ds) if args.max_images <= 0 else min(len(ds), args.max_images)
+        gt = gt_from_records((ds[i] for i in range(n)), ds.classes, name=f"{ds.root} split '{args.split}'")
 
     areas = ("all",) if args.no_sizes else ("all", "small", "medium", "large")
     out, loc = {}, {}
@@ -99,6 +105,8 @@ def _proposals(args) -> dict:
             name = store.method
         else:
             results = load_results(src)
+        if args.max_images:  # the images beyond the first N are not in the ground truth
+            results = [r for r in results if isinstance(r, dict) and _in_gt(gt, r.get("image_id"))]
         while name in out:  # two sources of the same method
             name += "'"
         if args.plot:  # one evaluation with IoU 1 added serves both (AR averages over .50:.95 only)
@@ -124,6 +132,14 @@ def _proposals(args) -> dict:
                           f"({'COCO ' + Path(args.coco).name if args.coco else 'split ' + args.split})")
         print(f"wrote {args.plot}")
     return next(iter(out.values())) if len(out) == 1 else {"methods": out}
+
+
+def _in_gt(gt, image_id) -> bool:
+    try:
+        gt.coco_id(image_id)
+    except DataError:
+        return False
+    return True
 
 
 def main(argv=None) -> int:

@@ -147,6 +147,15 @@ def test_proposals_voc_and_errors(tmp_path, capsys):
                        capsys)
     fast = json.loads(out.strip().splitlines()[-1])
     assert fast["AR@10"] == 1.0 and "AR_S@100" not in fast
+    # --max-images 1: only 000001 is the ground truth (its 2 objects), 000002's proposal is left out, not an error
+    code, out, err = run(["proposals", "--voc", str(voc), "--split", "val", "--proposals", str(pf),
+                          "--max-images", "1", "--counts", "1,2"], capsys)
+    assert code == 0, err
+    first = json.loads(out.strip().splitlines()[-1])
+    assert (first["n_images"], first["n_objects"]) == (1, 2)
+    assert first["AR@1"] == 0.0 and first["AR@2"] == pytest.approx(0.5)  # the far box first, then one of two
+    code, _, err = run(["proposals", "--coco", str(pf), "--proposals", str(pf), "--max-images", "1"], capsys)
+    assert code == 2 and "--max-images takes N >= 1 and needs --voc" in err
     # segm on VOC: no masks
     code, _, err = run(["proposals", "--voc", str(voc), "--split", "val", "--proposals", str(pf),
                         "--iou-type", "segm"], capsys)
