@@ -26,15 +26,14 @@ THRESHOLD = 128
 
 
 def mask_objects(fg: np.ndarray, objects: str = "components", min_area: float = 0.01) -> list[np.ndarray]:
-    """The objects of one binary foreground (H, W bool): boolean masks, components largest first."""
+    """The objects of one binary foreground (H, W bool): boolean masks, components largest first (``objects``:
+    "components" or "whole", checked by the caller)."""
     import cv2
 
     h, w = fg.shape
     min_px = float(min_area) * h * w
     if objects == "whole":
         return [fg] if fg.any() and fg.sum() >= min_px else []
-    if objects != "components":
-        raise DataError(f"objects must be one of {OBJECTS}, got {objects!r}")
     n, lab, stats, _ = cv2.connectedComponentsWithStats(fg.astype(np.uint8), connectivity=8)
     keep = [i for i in range(1, n) if stats[i, cv2.CC_STAT_AREA] >= max(min_px, 1)]
     keep.sort(key=lambda i: -stats[i, cv2.CC_STAT_AREA])

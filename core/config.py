@@ -68,8 +68,6 @@ class MaskSource:
     max_images: int = _key_if_set(0)
 
 
-CocoSource = MaskSource  # the older name
-
 
 _BOTH_SPLITS = (TRAIN_SPLIT, TEST_SPLIT)
 # the synthetic set's parameters name its folder (runs/data/shapes-<hash>): they change every split and DeepMask's

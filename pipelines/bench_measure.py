@@ -196,7 +196,7 @@ def _time_steps(spec: dict, next_batch, step, clock, describe) -> tuple[list[flo
 def _m_train_deepmask(spec: dict) -> dict:
     import torch
 
-    from core.config import CocoSource
+    from core.config import MaskSource
     from core.training import TrainStep
     from proposals.deepmask.model import build_deepmask
     from proposals.deepmask.sampler import pad_rgb_for
@@ -204,7 +204,7 @@ def _m_train_deepmask(spec: dict) -> dict:
 
     cfg = _cfg_of(spec)
     syn = Path(spec["synthetic"])
-    dm = dataclasses.replace(cfg.deepmask, trunk=spec["trunk"], pretrained="", workers=0, train_sets=[CocoSource(
+    dm = dataclasses.replace(cfg.deepmask, trunk=spec["trunk"], pretrained="", workers=0, train_sets=[MaskSource(
         ann=str(syn / "annotations" / "instances_trainval.json"), images=str(syn / "VOC2007" / "JPEGImages"))],
         val_sets=[])
     cfg = dataclasses.replace(cfg, deepmask=dm)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from core import distributed
 from core.config import (DET_TEST, DET_TRAIN, DM_INFER, DM_TRAIN, RANDOM, REPORT, SS, SWEEP, TEST_SPLIT,
-                         TRAIN_SPLIT, CocoSource, Config, save_config, section_hash, values_for)
+                         TRAIN_SPLIT, Config, MaskSource, save_config, section_hash, values_for)
 from core.errors import ConfigError
 from core.io import read_json, write_json
 from proposals import is_imported, known_method
@@ -163,7 +163,7 @@ def resolve_data(cfg: Config, progress: bool = True) -> Config:
         d = dataclasses.replace(d, synthetic_root=str(root), voc=d.voc or str(root / "VOC2007"))
         dm = cfg.deepmask
         if not dm.train_sets:
-            dm = dataclasses.replace(dm, train_sets=[CocoSource(
+            dm = dataclasses.replace(dm, train_sets=[MaskSource(
                 ann=str(root / "annotations" / f"instances_{d.train_split}.json"),
                 images=str(root / "VOC2007" / "JPEGImages"))])
         # no val_sets: DeepMask holds out deepmask.val_fraction of its training images for validation, so the

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from core.config import CocoSource
+from core.config import MaskSource
 from core.errors import DataError
 from proposals.deepmask.sampler import (PatchSampler, PatchStream, SamplerParams, load_records, split_holdout,
                                         warp_patch)
@@ -57,7 +57,7 @@ def make_coco(tmp_path, n_images=3, size=(200, 160)):
     ann = tmp_path / "instances.json"
     ann.write_text(json.dumps({"images": images, "annotations": anns,
                                "categories": [{"id": 1, "name": "thing"}]}))
-    return CocoSource(ann=str(ann), images=str(img_dir))
+    return MaskSource(ann=str(ann), images=str(img_dir))
 
 
 @pytest.fixture

@@ -302,10 +302,10 @@ def test_coco_empty_and_self_intersecting_polygons(tmp_path):
     areas = [int(ds.get(str(i + 1)).masks()[0].sum()) for i in range(len(segs))]
     assert areas[:3] == [0, 0, 0]  # empty / degenerate polygons: empty masks, the objects keep their boxes
     assert 0 < areas[3] < 2500 and areas[4] == 45 * 35  # the bow tie fills its two triangles
-    from core.config import CocoSource
+    from core.config import MaskSource
 
     cfg = load_config(None, ["deepmask.patch_size=32", "deepmask.object_size=16", "deepmask.batch_size=4"])
-    recs = load_records([CocoSource(ann=str(tmp_path / "ann.json"), images=str(tmp_path / "im"))])
+    recs = load_records([MaskSource(ann=str(tmp_path / "ann.json"), images=str(tmp_path / "im"))])
     sampler = PatchSampler(recs, SamplerParams.from_config(cfg.deepmask, (0, 0, 0)), seed=0)
     for t in range(2):
         b = sampler.batch(t)

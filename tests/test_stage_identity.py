@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from core.config import (DET_TEST, DET_TRAIN, DM_INFER, DM_TRAIN, RANDOM, REPORT, SS, SWEEP, TEST_SPLIT,
-                         TRAIN_SPLIT, CocoSource, Config, field_info, leaf_fields, load_config)
+                         TRAIN_SPLIT, Config, MaskSource, field_info, leaf_fields, load_config)
 from pipelines.experiment import stage_keys
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +58,7 @@ def _other(value, tp):
     origin = typing.get_origin(tp)
     if origin is list:
         (item,) = typing.get_args(tp)
-        new = {int: 7, float: 0.3, str: "other", CocoSource: CocoSource("a.json", "imgs")}[item]
+        new = {int: 7, float: 0.3, str: "other", MaskSource: MaskSource("a.json", "imgs")}[item]
         return list(value) + [new]
     if tp is bool:
         return not value

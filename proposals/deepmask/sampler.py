@@ -144,8 +144,9 @@ def warp_patch(src: np.ndarray, cx: float, cy: float, s: float, flip: bool, size
 
 # ------------------------------------------------------------------------------------------------ records
 def load_records(sources, categories=None) -> list:
-    """Records (core.datasets.Record) of every image of the given COCO sources (list of CocoSource), keeping only
-    objects of ``categories`` (COCO names; ``['pascal']`` = the 20 PASCAL classes, DeepMask20) when given."""
+    """Records (core.datasets.Record) of every image of the given sources (list of MaskSource: COCO instances json or
+    binary-mask folders), keeping only objects of ``categories`` (COCO names; ``['pascal']`` = the 20 PASCAL classes,
+    DeepMask20) when given."""
     from core.datasets import CocoDataset
 
     if categories and list(categories) == ["pascal"]:  # shorthand for DeepMask20 (§4 "Generalization")
@@ -154,7 +155,7 @@ def load_records(sources, categories=None) -> list:
         categories = list(COCO_PASCAL_CATEGORIES)
     records, label_offset = [], 0  # each source's categories are its own (category-then-instance sampling)
     for src in sources:
-        masks = getattr(src, "masks", "")
+        masks = src.masks
         if not src.images or bool(src.ann) == bool(masks):
             raise ConfigError("config key 'deepmask.train_sets' / 'deepmask.val_sets': every entry needs 'images' "
                               "(an image folder) and either 'ann' (its COCO instances json) or 'masks' (a folder of "
