@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from . import distributed
+from .backbones import upgrade_state_dict
 from .config import save_config, to_dict
 from .errors import CheckpointError, DataError
 from .io import atomic_torch_save, load_checkpoint, write_json
@@ -206,7 +207,7 @@ class Training:
             return None
         ck = load_checkpoint(path)
         check(ck, path)
-        self.model.load_state_dict(ck["model"])
+        self.model.load_state_dict(upgrade_state_dict(ck["model"]))
         self.optimizer.load_state_dict(ck["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(ck["scheduler"])

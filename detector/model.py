@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from torchvision.ops import RoIPool
 
-from core.backbones import build_trunk, freeze_early_layers, vgg16_fc_head
+from core.backbones import build_trunk, freeze_early_layers, upgrade_state_dict, vgg16_fc_head
 from core.errors import CheckpointError
 
 from .sampling import BoxCoder
@@ -201,7 +201,7 @@ class DetectorCheckpoint:
 
     def build(self, device: str = "cpu") -> FastRCNN:
         """The detector of its config with its weights, in eval mode on ``device``."""
-        sd = self.data["model"]
+        sd = upgrade_state_dict(self.data["model"])  # trunk keys of earlier versions renamed
         # a trunk trained with frozen BatchNorm (FrozenBatchNorm2d: no num_batches_tracked) is rebuilt the same way
         frozen = not any(k.startswith("trunk.") and k.endswith("num_batches_tracked") for k in sd) and \
             any(k.startswith("trunk.") and k.endswith("running_mean") for k in sd)

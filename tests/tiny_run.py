@@ -50,14 +50,18 @@ def make_tiny_data(root) -> Path:
 
 
 def versions() -> dict:
-    """The libraries whose kernels the numbers depend on (numbers move across versions and machines)."""
+    """The libraries whose kernels the numbers depend on, and the CPU's bfloat16 matrix units (AMX and AVX512-BF16
+    kernels round differently: the same commit pins other proposals on each), since numbers move across both."""
     import cv2
     import scipy
     import skimage
     import torch
 
+    from core.precision import cpu_flags
+
     return {"torch": torch.__version__, "numpy": np.__version__, "cv2": cv2.__version__, "scipy": scipy.__version__,
-            "skimage": skimage.__version__, "machine": platform.machine()}
+            "skimage": skimage.__version__, "machine": platform.machine(),
+            "bf16_units": sorted({"amx_bf16", "avx512_bf16"} & cpu_flags())}
 
 
 def _sha(h: "hashlib._Hash") -> str:
@@ -193,11 +197,14 @@ def run_tiny(out_dir, name: str = "tiny", data=None, progress: bool = False):
     return Path(out_dir) / name
 
 
-if __name__ == "__main__":  # record: python tests/tiny_run.py OUT.json
+if __name__ == "__main__":  # record: python tests/tiny_run.py PINS.json (adds or replaces this machine's pin)
     import sys
     import tempfile
 
     sys.path.insert(0, str(ROOT))
     with tempfile.TemporaryDirectory() as tmp:
-        doc = {"versions": versions(), "fingerprint": fingerprint(run_tiny(Path(tmp) / "runs"))}
-    Path(sys.argv[1]).write_text(json.dumps(doc, indent=1) + "\n")
+        pin = {"versions": versions(), "fingerprint": fingerprint(run_tiny(Path(tmp) / "runs"))}
+    out = Path(sys.argv[1])
+    pins = json.loads(out.read_text())["pins"] if out.is_file() else []
+    pins = [p for p in pins if p["versions"] != pin["versions"]] + [pin]
+    out.write_text(json.dumps({"pins": pins}, indent=1) + "\n")

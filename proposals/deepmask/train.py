@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from core import distributed
+from core.backbones import upgrade_state_dict
 from core.config import DM_TRAIN, Config, values_for
 from core.errors import CheckpointError, ConfigError, DataError
 from core.io import load_checkpoint
@@ -267,7 +268,7 @@ def load_deepmask(checkpoint, device="cpu") -> tuple[DeepMask, Config]:
     train_cfg = from_dict(ckpt["config"])
     model = build_deepmask(train_cfg.deepmask, pretrained=False)
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(upgrade_state_dict(ckpt["model"]))
     except RuntimeError as e:
         raise CheckpointError(f"{checkpoint}: weights do not fit the DeepMask of its config ({str(e)[:200]})") from None
     return model.to(device).eval(), train_cfg
