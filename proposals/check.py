@@ -60,66 +60,14 @@ not a code. Image ids are matched exactly, else by file stem (``JPEGImages/00000
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from core.errors import DataError
+from .conventions import BASE_OFFSETS, FRAMES, frame_name, frame_scales, to_xyxy, undo_base
 
-from .formats import BASE_OFFSETS, BASES, LAYOUTS
-
-log = logging.getLogger(__name__)
-
-# the resized frames the checker tries: name -> (shorter side, longer side cap or 0)
-FRAMES = {"600,1000": (600, 1000), "800,1333": (800, 1333), "600": (600, 0), "800": (800, 0)}
 REFUSE = "refuse"
 WARN = "warn"
-
-
-def parse_frame(text: str | None) -> tuple[int, int] | None:
-    """'600,1000' -> (600, 1000); '800' -> (800, 0); None -> None."""
-    if text is None or text == "":
-        return None
-    try:
-        parts = [int(v) for v in str(text).split(",")]
-    except ValueError:
-        parts = []
-    if not 1 <= len(parts) <= 2 or parts[0] <= 0 or (len(parts) == 2 and parts[1] < 0):
-        raise DataError(f"--resized {text!r}: expected SHORT or SHORT,MAX (e.g. 600,1000), positive integers")
-    return parts[0], parts[1] if len(parts) == 2 else 0
-
-
-def frame_name(frame) -> str:
-    return f"{frame[0]},{frame[1]}" if frame[1] else f"{frame[0]}"
-
-
-def frame_scales(w: np.ndarray, h: np.ndarray, frame) -> np.ndarray:
-    """Per-image scale of the resize to `frame` (shorter side frame[0], longer side at most frame[1] if > 0)."""
-    w, h = np.asarray(w, np.float64), np.asarray(h, np.float64)
-    s = frame[0] / np.minimum(w, h)
-    if frame[1]:
-        s = np.minimum(s, frame[1] / np.maximum(w, h))
-    return s
-
-
-def to_xyxy(cols: np.ndarray, layout: str) -> np.ndarray:
-    """The four columns of a file in `layout` -> x1 y1 x2 y2 (same units)."""
-    c = np.asarray(cols, np.float64)
-    if layout == "xyxy":
-        return c.copy()
-    if layout == "xywh":
-        return np.concatenate([c[:, :2], c[:, :2] + c[:, 2:]], axis=1)
-    if layout == "yxyx":
-        return c[:, [1, 0, 3, 2]].copy()
-    raise DataError(f"unknown layout {layout!r} (choose one of {', '.join(LAYOUTS)})")
-
-
-def undo_base(b: np.ndarray, base: str) -> np.ndarray:
-    if base not in BASE_OFFSETS:
-        raise DataError(f"unknown base {base!r} (choose one of {', '.join(BASES)})")
-    s, e = BASE_OFFSETS[base]
-    return b - np.array([s, s, e, e], np.float64)
 
 
 @dataclass
@@ -198,92 +146,133 @@ def _fit(b, w, h, img, n_img, s, tol=1.5):
     return float(ok[has].mean()) if has.any() else 0.0
 
 
+@dataclass
+class _Boxes:
+    """Every box of the file as one array, with the size of its image and of the frame its numbers are declared in."""
+    raw: np.ndarray  # (n, 4) the file's columns (relative ones scaled to pixels)
+    img: np.ndarray  # (n,) index of each box's image
+    counts: np.ndarray  # boxes per image
+    w: np.ndarray  # per box: image width / height
+    h: np.ndarray
+    s_decl: np.ndarray  # per box: the declared frame's scale (1 for the image itself)
+    fw: np.ndarray  # per box: the declared frame's width / height
+    fh: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return len(self.raw)
+
+    @property
+    def n_img(self) -> int:
+        return len(self.counts)
+
+    @property
+    def evidence(self) -> float:
+        return max(5.0, self.n / 500.0)  # T: the least count that is evidence
+
+
+def _gather(images: dict, sizes: dict, rel_mode: bool, resized) -> _Boxes:
+    ids = list(images)
+    counts = np.array([len(images[i].boxes) for i in ids], np.int64)
+    img = np.repeat(np.arange(len(ids)), counts)
+    w = np.array([sizes[i][0] for i in ids], np.float64)[img]
+    h = np.array([sizes[i][1] for i in ids], np.float64)[img]
+    raw = np.concatenate([images[i].boxes for i in ids]).astype(np.float64) if counts.sum() else np.zeros((0, 4))
+    if rel_mode:
+        raw = raw * np.stack([w, h, w, h], 1)
+    s_decl = frame_scales(w, h, resized) if resized else np.ones(len(raw))
+    fw = np.where(s_decl != 1, np.round(s_decl * w), w)
+    fh = np.where(s_decl != 1, np.round(s_decl * h), h)
+    return _Boxes(raw, img, counts, w, h, s_decl, fw, fh)
+
+
 def check_proposals(images: dict, sizes: dict, *, layout: str, base: str, resized=None, rel_mode: bool = False,
                     format_has_scores: bool = True, rank_by: str = "score", unknown_ids=(), missing_ids=(),
                     positional: bool = False, allow_missing: bool = False, n_file_images: int | None = None,
                     id_notes=()) -> Report:
-    """Diagnose proposals (module docstring).
+    """Diagnose proposals (module docstring): the rules in their order, each on the boxes as corrected so far.
 
     images: split image id -> formats.RawImage (the file's columns, unconverted), for the ids found in the split;
     sizes: split image id -> (width, height); layout / base / resized: the conventions the file is read with;
     unknown_ids: file ids not in the split; missing_ids: split ids not in the file."""
     rep = Report(declared={"layout": layout, "base": base, "resized": frame_name(resized) if resized else None})
     rep.notes.extend(id_notes)
-    ids = list(images)
-    n_img = len(ids)
-    counts = np.array([len(images[i].boxes) for i in ids], np.int64)
-    n = int(counts.sum())
-    img = np.repeat(np.arange(n_img), counts)
-    wi = np.array([sizes[i][0] for i in ids], np.float64)
-    hi = np.array([sizes[i][1] for i in ids], np.float64)
-    w, h = wi[img], hi[img]
-    raw = np.concatenate([images[i].boxes for i in ids]).astype(np.float64) if n else np.zeros((0, 4))
-    if rel_mode:
-        raw = raw * np.stack([w, h, w, h], 1)
-    st = rep.stats
-    st.update(n_images=n_img, n_boxes=n, n_file_images=n_file_images if n_file_images is not None else n_img,
-              n_unknown_ids=len(unknown_ids), n_missing_ids=len(missing_ids))
-    eff = {"layout": layout, "base": base, "resized": rep.declared["resized"]}
-    T = max(5.0, n / 500.0)
-
-    # the frame the file's numbers live in (declared): per-box frame sides
-    s_decl = frame_scales(w, h, resized) if resized else np.ones(n)
-    fw = np.where(s_decl != 1, np.round(s_decl * w), w)
-    fh = np.where(s_decl != 1, np.round(s_decl * h), h)
-
-    _check_ids(rep, unknown_ids, missing_ids, positional, allow_missing, n_img)
-    if n == 0:
-        if n_img:
+    bx = _gather(images, sizes, rel_mode, resized)
+    rep.stats.update(n_images=bx.n_img, n_boxes=bx.n,
+                     n_file_images=n_file_images if n_file_images is not None else bx.n_img,
+                     n_unknown_ids=len(unknown_ids), n_missing_ids=len(missing_ids))
+    rep.suggested = {"layout": layout, "base": base, "resized": rep.declared["resized"]}
+    _check_ids(rep, unknown_ids, missing_ids, positional, allow_missing, bx.n_img)
+    if bx.n == 0:
+        if bx.n_img:
             rep.add("degenerate", REFUSE, "the file has no boxes for any image of the split")
-        rep.suggested = eff
         return rep
+    L = _check_axes(rep, bx, _check_layout(rep, bx, layout))  # 1. x y w h or x1 y1 x2 y2; 2. x / y swapped
+    rep.suggested["layout"] = L
+    b = _check_base(rep, bx, to_xyxy(bx.raw, L), base)  # 3. 0- or 1-based
+    b = _check_frame(rep, bx, b, resized)  # 4. the image itself, or a resized copy
+    _check_what_is_left(rep, bx, b)  # 5. outside, degenerate, duplicates
+    _check_scores(rep, [images[i].scores for i in images], format_has_scores, rank_by)  # 6. scores
+    return rep
 
-    # 1. x y w h against x1 y1 x2 y2 (frame-free: inverted boxes)
+
+def _check_layout(rep: Report, bx: _Boxes, layout: str) -> str:
+    """x y w h against x1 y1 x2 y2 (frame-free: inverted boxes); returns the layout found."""
+    raw, st = bx.raw, rep.stats
     inv_raw = _frac((raw[:, 2] < raw[:, 0]) | (raw[:, 3] < raw[:, 1]))
     st["inverted_as_xyxy"] = round(inv_raw, 4)
-    L = layout
     if layout in ("xyxy", "yxyx") and inv_raw >= 0.05:
         neg_wh = _frac((raw[:, 2] < 0) | (raw[:, 3] < 0))
         if neg_wh <= 0.01:
-            L = "xywh"
             rep.add("xywh", REFUSE, f"{100 * inv_raw:.0f}% of the boxes have x2 < x1 or y2 < y1 as {layout}; as "
                     "x y w h none has a negative width or height: the boxes are x, y, width, height",
                     "--layout xywh")
+            return "xywh"
     elif layout == "xywh" and inv_raw < 0.01:
-        o_wh = _frac(_outside(to_xyxy(raw, "xywh"), fw, fh, 1.5))
-        o_xy = _frac(_outside(raw, fw, fh, 1.5))
+        o_wh = _frac(_outside(to_xyxy(raw, "xywh"), bx.fw, bx.fh, 1.5))
+        o_xy = _frac(_outside(raw, bx.fw, bx.fh, 1.5))
         st["outside_as_xywh"], st["outside_as_xyxy"] = round(o_wh, 4), round(o_xy, 4)
         if o_wh >= 0.05 and o_xy <= o_wh / 4:
-            L = "xyxy"
             rep.add("xyxy", REFUSE, f"read as x y w h, {100 * o_wh:.0f}% of the boxes leave the image, as "
                     f"x1 y1 x2 y2 {100 * o_xy:.1f}% and none is inverted: the boxes are x1, y1, x2, y2",
                     "--layout xyxy")
+            return "xyxy"
+    return layout
 
-    # 2. transposed axes, on the images that are not square
-    if L in ("xyxy", "yxyx"):
-        other = "yxyx" if L == "xyxy" else "xyxy"
-        nonsq = np.abs(w - h) > 0.02 * np.maximum(w, h)
-        st["boxes_on_non_square_images"] = int(nonsq.sum())
-        if nonsq.sum() >= 10:
-            bL = to_xyxy(raw[nonsq], L)
-            bT = to_xyxy(raw[nonsq], other)
-            oL = _frac(_outside(bL, fw[nonsq], fh[nonsq], 1.5))
-            oT = _frac(_outside(bT, fw[nonsq], fh[nonsq], 1.5))
-            st["outside_as_declared_axes"], st["outside_as_swapped_axes"] = round(oL, 4), round(oT, 4)
-            if oL >= 0.02 and oT <= oL / 4:
-                rep.add(other, REFUSE, f"on the non-square images {100 * oL:.0f}% of the boxes leave the image as "
-                        f"{L} but {100 * oT:.1f}% with x and y swapped: the boxes are {other}",
-                        f"--layout {other}")
-                L = other
-        elif n_img:
-            rep.notes.append("all images with proposals are (nearly) square: x/y swapped boxes cannot be detected")
-    eff["layout"] = L
-    b = to_xyxy(raw, L)
 
-    # 3. 0- or 1-based (exact integer coordinates at the borders)
+def _check_axes(rep: Report, bx: _Boxes, L: str) -> str:
+    """Transposed axes, on the images that are not square; returns the layout found."""
+    if L not in ("xyxy", "yxyx"):
+        return L
+    other = "yxyx" if L == "xyxy" else "xyxy"
+    nonsq = np.abs(bx.w - bx.h) > 0.02 * np.maximum(bx.w, bx.h)
+    rep.stats["boxes_on_non_square_images"] = int(nonsq.sum())
+    if nonsq.sum() >= 10:
+        fw, fh = bx.fw[nonsq], bx.fh[nonsq]
+        oL = _frac(_outside(to_xyxy(bx.raw[nonsq], L), fw, fh, 1.5))
+        oT = _frac(_outside(to_xyxy(bx.raw[nonsq], other), fw, fh, 1.5))
+        rep.stats["outside_as_declared_axes"], rep.stats["outside_as_swapped_axes"] = round(oL, 4), round(oT, 4)
+        if oL >= 0.02 and oT <= oL / 4:
+            rep.add(other, REFUSE, f"on the non-square images {100 * oL:.0f}% of the boxes leave the image as "
+                    f"{L} but {100 * oT:.1f}% with x and y swapped: the boxes are {other}", f"--layout {other}")
+            return other
+    elif bx.n_img:
+        rep.notes.append("all images with proposals are (nearly) square: x/y swapped boxes cannot be detected")
+    return L
+
+
+_BASE_WHAT = {"edges0": "0-based pixel edges (x2 = W at the right border)",
+              "pixels1": "1-based pixel indices (Matlab / VOC: x1 = 1 and x2 = W at the borders)",
+              "edges1": "0-based edges shifted by one (x1 = 1 and x2 = W + 1 at the borders)",
+              "pixels0": "0-based pixel indices (x2 = W - 1 at the right border)"}
+
+
+def _check_base(rep: Report, bx: _Boxes, b: np.ndarray, base: str) -> np.ndarray:
+    """0- or 1-based (exact integer coordinates at the borders); returns the boxes as 0-based edges."""
+    st, T = rep.stats, bx.evidence
     a0 = int(np.sum(b[:, 0] == 0) + np.sum(b[:, 1] == 0))
     a1 = int(np.sum(b[:, 0] == 1) + np.sum(b[:, 1] == 1))
-    ends = {d: int(np.sum(b[:, 2] == fw + d) + np.sum(b[:, 3] == fh + d)) for d in (-1, 0, 1)}
+    ends = {d: int(np.sum(b[:, 2] == bx.fw + d) + np.sum(b[:, 3] == bx.fh + d)) for d in (-1, 0, 1)}
     st["starts_at_0"], st["starts_at_1"] = a0, a1
     st["ends_at_W-1"], st["ends_at_W"], st["ends_at_W+1"] = ends[-1], ends[0], ends[1]
     ds, de = BASE_OFFSETS[base]
@@ -303,38 +292,41 @@ def check_proposals(images: dict, sizes: dict, *, layout: str, base: str, resize
     else:
         found = "pixels0" if fe <= -1 else "edges0"
     if found != base:
-        what = {"edges0": "0-based pixel edges (x2 = W at the right border)",
-                "pixels1": "1-based pixel indices (Matlab / VOC: x1 = 1 and x2 = W at the borders)",
-                "edges1": "0-based edges shifted by one (x1 = 1 and x2 = W + 1 at the borders)",
-                "pixels0": "0-based pixel indices (x2 = W - 1 at the right border)"}[found]
         evidence = f"{a0} starts at 0, {a1} at 1; {ends[-1]} ends at W-1, {ends[0]} at W, {ends[1]} at W+1"
         code = "one_based" if fs == 1 and ds == 0 else "zero_based" if fs == 0 and ds == 1 else "end_offset"
-        rep.add(code, REFUSE, f"read as {base}, the coordinates look like {what} ({evidence})", f"--base {found}")
-    eff["base"] = found
-    b = undo_base(b, found)
+        rep.add(code, REFUSE, f"read as {base}, the coordinates look like {_BASE_WHAT[found]} ({evidence})",
+                f"--base {found}")
+    rep.suggested["base"] = found
+    return undo_base(b, found)
 
-    # 4. the frame: the image itself, or a resized copy
+
+def _check_frame(rep: Report, bx: _Boxes, b: np.ndarray, resized) -> np.ndarray:
+    """The frame: the image itself, or a resized copy; returns the boxes in image pixels."""
     if resized:
-        b = b / s_decl[:, None]
-    else:
-        fit1 = _fit(b, w, h, img, n_img, np.ones(n))
-        st["fit_image_frame"] = round(fit1, 3)
-        best, best_fit, best_s = None, -1.0, None
-        for name, fr in FRAMES.items():
-            s = frame_scales(w, h, fr)
-            f = _fit(b, w, h, img, n_img, s)
-            st[f"fit_resized_{name}"] = round(f, 3)
-            if f > best_fit and np.median(np.abs(s - 1)) > 0.05:
-                best, best_fit, best_s = name, f, s
-        if best is not None and best_fit >= 0.6 and best_fit >= fit1 + 0.3:
-            rep.add("resized", REFUSE, f"the boxes fit the image resized to shorter side {FRAMES[best][0]}"
-                    + (f" (longer side <= {FRAMES[best][1]})" if FRAMES[best][1] else "")
-                    + f" in {100 * best_fit:.0f}% of the images, the image itself in {100 * fit1:.0f}%: they are "
-                    "coordinates of the resized image", f"--resized {best}")
-            eff["resized"] = best
-            b = b / best_s[:, None]
+        return b / bx.s_decl[:, None]
+    w, h, img, n_img = bx.w, bx.h, bx.img, bx.n_img
+    fit1 = _fit(b, w, h, img, n_img, np.ones(bx.n))
+    rep.stats["fit_image_frame"] = round(fit1, 3)
+    best, best_fit, best_s = None, -1.0, None
+    for name, fr in FRAMES.items():
+        s = frame_scales(w, h, fr)
+        f = _fit(b, w, h, img, n_img, s)
+        rep.stats[f"fit_resized_{name}"] = round(f, 3)
+        if f > best_fit and np.median(np.abs(s - 1)) > 0.05:
+            best, best_fit, best_s = name, f, s
+    if best is None or best_fit < 0.6 or best_fit < fit1 + 0.3:
+        return b
+    rep.add("resized", REFUSE, f"the boxes fit the image resized to shorter side {FRAMES[best][0]}"
+            + (f" (longer side <= {FRAMES[best][1]})" if FRAMES[best][1] else "")
+            + f" in {100 * best_fit:.0f}% of the images, the image itself in {100 * fit1:.0f}%: they are "
+            "coordinates of the resized image", f"--resized {best}")
+    rep.suggested["resized"] = best
+    return b / best_s[:, None]
 
-    # 5. what is left, in the corrected frame
+
+def _check_what_is_left(rep: Report, bx: _Boxes, b: np.ndarray) -> None:
+    """What is left, in the corrected frame: boxes outside the image, without area, repeated."""
+    st, w, h = rep.stats, bx.w, bx.h
     out = _outside(b, w, h, 0.5)
     f_out = _frac(out)
     st["outside"] = round(f_out, 4)
@@ -354,45 +346,42 @@ def check_proposals(images: dict, sizes: dict, *, layout: str, base: str, resize
         sev = REFUSE if f_deg > 0.5 else WARN
         rep.add("degenerate", sev, f"{100 * f_deg:.1f}% of the boxes ({int(degen.sum())}) have no area inside the "
                 "image" + ("; they are dropped" if sev == WARN else ": the layout is not one the checker knows"))
-    n_dup = 0
-    start_k = 0
-    for k, i in enumerate(ids):
-        m = int(counts[k])
-        if m > 1:
-            n_dup += m - len(np.unique(b[start_k:start_k + m], axis=0))
-        start_k += m
+    starts = np.concatenate([[0], np.cumsum(bx.counts)])
+    n_dup = sum(int(m) - len(np.unique(b[s:s + m], axis=0)) for s, m in zip(starts, bx.counts) if m > 1)
     st["duplicates"] = n_dup
-    if n_dup >= 1 and n_dup > 0.001 * n:
-        rep.add("duplicates", WARN, f"{n_dup} boxes ({100 * n_dup / n:.1f}%) repeat an earlier box of the same "
+    if n_dup >= 1 and n_dup > 0.001 * bx.n:
+        rep.add("duplicates", WARN, f"{n_dup} boxes ({100 * n_dup / bx.n:.1f}%) repeat an earlier box of the same "
                 "image exactly; they are kept and take places in every top N", "remove exact duplicates")
 
-    # 6. scores
-    scores = [images[i].scores for i in ids]
+
+def _check_scores(rep: Report, scores: list, format_has_scores: bool, rank_by: str) -> None:
+    """Scores: missing, all equal, or rising along the file."""
+    st = rep.stats
     if not format_has_scores:
         rep.notes.append("this format has no scores: the file's order is the ranking")
-    elif any(s is None for s in scores):
+        return
+    if any(s is None for s in scores):
         rep.add("missing_scores", WARN, "the file has no scores: its order is taken as the ranking")
-    else:
-        multi = [s for s in scores if len(s) > 1]
-        if multi:
-            const = _frac(np.array([np.all(s == s[0]) for s in multi]))
-            unsorted = np.array([bool(np.any(np.diff(s) > 0)) for s in multi])
-            inc = np.concatenate([np.diff(s) > 0 for s in multi])
-            st["images_with_constant_scores"] = round(const, 3)
-            st["images_unsorted"] = round(_frac(unsorted), 3)
-            st["increasing_score_steps"] = round(_frac(inc), 4)
-            if const >= 0.9:
-                rep.add("missing_scores", WARN, f"in {100 * const:.0f}% of the images all scores are equal: they "
-                        "rank nothing; the file's order is taken as the ranking")
-            elif unsorted.any():
-                how = ("the store ranks by score (stable): pass --rank-by order if the file's order is your ranking"
-                       if rank_by == "score" else "--rank-by order: the file's order is kept, the scores replaced "
-                       "by rank scores")
-                rep.add("unsorted", WARN, f"in {100 * _frac(unsorted):.0f}% of the images the scores rise along "
-                        f"the file ({100 * _frac(inc):.0f}% of the steps): {how}",
-                        "--rank-by order" if rank_by == "score" else "")
-    rep.suggested = eff
-    return rep
+        return
+    multi = [s for s in scores if len(s) > 1]
+    if not multi:
+        return
+    const = _frac(np.array([np.all(s == s[0]) for s in multi]))
+    unsorted = np.array([bool(np.any(np.diff(s) > 0)) for s in multi])
+    inc = np.concatenate([np.diff(s) > 0 for s in multi])
+    st["images_with_constant_scores"] = round(const, 3)
+    st["images_unsorted"] = round(_frac(unsorted), 3)
+    st["increasing_score_steps"] = round(_frac(inc), 4)
+    if const >= 0.9:
+        rep.add("missing_scores", WARN, f"in {100 * const:.0f}% of the images all scores are equal: they "
+                "rank nothing; the file's order is taken as the ranking")
+    elif unsorted.any():
+        how = ("the store ranks by score (stable): pass --rank-by order if the file's order is your ranking"
+               if rank_by == "score" else "--rank-by order: the file's order is kept, the scores replaced "
+               "by rank scores")
+        rep.add("unsorted", WARN, f"in {100 * _frac(unsorted):.0f}% of the images the scores rise along "
+                f"the file ({100 * _frac(inc):.0f}% of the steps): {how}",
+                "--rank-by order" if rank_by == "score" else "")
 
 
 def _check_ids(rep: Report, unknown, missing, positional, allow_missing, n_known) -> None:

@@ -28,7 +28,8 @@ from core.errors import DataError
 from core.io import write_json
 
 from . import IMPORTED_PREFIX, rank_scores
-from .check import REFUSE, Report, check_proposals, frame_name, frame_scales, parse_frame, to_xyxy, undo_base
+from .check import REFUSE, Report, check_proposals
+from .conventions import frame_name, frame_scales, parse_frame, to_xyxy, undo_base
 from .formats import FORMATS, ProposalFile, read_proposal_file
 from .writers import write_proposal_file
 

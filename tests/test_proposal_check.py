@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from core.store import ProposalStore
-from proposals.check import frame_scales
+from proposals.conventions import frame_scales
 from proposals.writers import write_proposal_file
 from proposals.importing import import_proposals
 from test_import_proposals import imp, make_data
