@@ -34,13 +34,14 @@ REPORT = "report"  # the HTML report (pipelines.report)
 STAGE_TAGS = (DM_TRAIN, DM_INFER, SS, RANDOM, DET_TRAIN, DET_TEST, SWEEP, TRAIN_SPLIT, TEST_SPLIT, REPORT)
 
 
-def opt(default, *affects: str, range: str | None = None, resume: bool = False):
+def opt(default, *affects: str, range: str | None = None, resume: bool = False, key_if_set: bool = False):
     """A config field: its default, the stages it `affects` (none: it changes no result, e.g. worker counts),
     its valid `range` ('[lo, hi]', '(' / ')' exclude the end, 'big' = 1e30; lists: every item), and `resume`: a
-    training field whose change reruns the stage but lets it continue from its checkpoint (e.g. `iters`)."""
+    training field whose change reruns the stage but lets it continue from its checkpoint (e.g. `iters`).
+    `key_if_set`: left out of the stage keys while at its default (a field added later: older runs keep their keys)."""
     unknown = [a for a in affects if a not in STAGE_TAGS]
     assert not unknown, unknown
-    meta = {"affects": tuple(affects), "range": range, "resume": resume}
+    meta = {"affects": tuple(affects), "range": range, "resume": resume, "key_if_set": key_if_set}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -162,6 +163,11 @@ class DeepMaskConfig:
     image_cache: int = opt(64, range="[0, 1000000]")  # decoded images (+ masks) cached per loader worker
     # training (§3.4)
     iters: int = opt(100000, DM_TRAIN, range="[0, big]", resume=True)
+    # number format of the training forward pass: float32, or bfloat16 autocast (convolutions and matrix products in
+    # bfloat16; weights, gradients, optimizer state and losses float32); auto: bfloat16 where the hardware multiplies
+    # it natively (core.precision). float32 by default: bfloat16 training is an opt-in until it is shown to keep the
+    # validation numbers (README "Speed")
+    train_dtype: str = opt("float32", DM_TRAIN, key_if_set=True)
     batch_size: int = opt(32, DM_TRAIN, range="[2, 65536]")
     lr: float = opt(1e-3, DM_TRAIN, range="(0, big]")
     momentum: float = opt(0.9, DM_TRAIN, range="[0, 1)")
@@ -250,6 +256,7 @@ class DetectorConfig:
     bias_lr_factor: float = opt(2.0, DET_TRAIN, range="[0, big]")  # biases: lr x2 (lr_mult 2) ...
     bias_weight_decay: float = opt(0.0, DET_TRAIN, range="[0, big]")  # ... and no weight decay (decay_mult 0)
     iters: int = opt(40000, DET_TRAIN, range="[0, big]", resume=True)
+    train_dtype: str = opt("float32", DET_TRAIN, key_if_set=True)  # as deepmask.train_dtype
     lr_steps: list[int] = opt([30000], DET_TRAIN, range="[0, big]")
     gamma: float = opt(0.1, DET_TRAIN, range="(0, big]")
     # torchrun (core/distributed.py): 'none' keeps lr whatever the number of processes; 'linear' multiplies it by
@@ -349,6 +356,8 @@ def values_for(cfg, tag: str, section: str | None = None, resumable: bool = True
         node = cfg
         for part in key.split("."):
             node = getattr(node, part)
+        if f.metadata.get("key_if_set") and node == f.default:
+            continue
         out[key] = _key_value(node)
     return out
 
@@ -406,6 +415,11 @@ def validate(cfg: Config) -> None:
     if dm.positive_sampling not in ("official", "category", "object"):
         raise ConfigError(f"config key 'deepmask.positive_sampling': expected official, category or object, got "
                           f"{dm.positive_sampling!r}")
+    from .precision import CHOICES
+    for key, v in (("deepmask.infer_dtype", dm.infer_dtype), ("deepmask.train_dtype", dm.train_dtype),
+                   ("detector.test_dtype", d.test_dtype), ("detector.train_dtype", d.train_dtype)):
+        if v not in CHOICES:
+            raise ConfigError(f"config key '{key}': expected one of {', '.join(CHOICES)}, got {v!r}")
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

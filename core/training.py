@@ -140,10 +140,13 @@ class TrainStep:
     (a batch with nothing to learn from) updates nothing.
 
     ``guard(batch, iteration)``: a context manager around forward and backward (e.g. naming an out-of-memory
-    error); ``diverged(iteration, loss, batch)``: the exception for a non-finite loss."""
+    error); ``diverged(iteration, loss, batch)``: the exception for a non-finite loss; ``autocast``: a low-precision
+    dtype for the forward pass (torch.autocast on ``device_type``), None for float32."""
 
-    def __init__(self, net, optimizer, loss_fn, scheduler=None, guard=None, diverged=None):
+    def __init__(self, net, optimizer, loss_fn, scheduler=None, guard=None, diverged=None,
+                 autocast: torch.dtype | None = None, device_type: str = "cpu"):
         self.net, self.optimizer, self.loss_fn, self.scheduler = net, optimizer, loss_fn, scheduler
+        self.autocast, self.device_type = autocast, device_type
         self.guard = guard or (lambda batch, it: contextlib.nullcontext())
         self.diverged = diverged or (lambda it, loss, batch: DataError(
             f"training diverged at iteration {it} (loss {loss.item()})"))
@@ -151,7 +154,9 @@ class TrainStep:
     def __call__(self, batch, iteration: int) -> tuple[torch.Tensor, dict]:
         """Run iteration ``iteration`` (0-based: the number done before it) on ``batch``; returns (loss, stats)."""
         with self.guard(batch, iteration + 1):
-            loss, stats = self.loss_fn(self.net, batch)
+            with torch.autocast(self.device_type, dtype=self.autocast or torch.bfloat16, enabled=bool(self.autocast)):
+                loss, stats = self.loss_fn(self.net, batch)
+            loss = loss.float()
             if not torch.isfinite(loss):
                 raise self.diverged(iteration + 1, loss, batch)
             self.optimizer.zero_grad(set_to_none=True)
@@ -234,7 +239,17 @@ class Training:
             return DataError(f"{self.what} diverged at iteration {it} ({what}loss {loss.item()}): "
                              f"{self._advice()}")
 
-        return TrainStep(net, self.optimizer, loss_fn, self.scheduler, guard, diverged)
+        return TrainStep(net, self.optimizer, loss_fn, self.scheduler, guard, diverged, self.train_dtype(),
+                         torch.device(self.device).type)
+
+    def train_dtype(self) -> torch.dtype | None:
+        """The autocast dtype of ``<section>.train_dtype`` (None: float32), logged once."""
+        from .precision import resolve_dtype
+
+        dtype, name = resolve_dtype(getattr(self.scfg, "train_dtype", "float32"), self.device,
+                                    f"{self.section}.train_dtype")
+        log.info("%s: training forward pass in %s", self.what, name if dtype != torch.float32 else "float32")
+        return None if dtype == torch.float32 else dtype
 
     def _advice(self) -> str:
         return (f"lower {self.section}.lr (now {self.scfg.lr:g}); the last good checkpoint "

@@ -193,6 +193,12 @@ def _time_steps(spec: dict, next_batch, step, clock, describe) -> tuple[list[flo
     return steps, data, seen
 
 
+def _autocast(spec: dict):
+    """The autocast dtype of a training measurement (``train.<stage>.<trunk>.bf16``), None for float32."""
+    import torch
+    return torch.bfloat16 if spec.get("train_dtype") == "bfloat16" else None
+
+
 def _m_train_deepmask(spec: dict) -> dict:
     import torch
 
@@ -212,13 +218,13 @@ def _m_train_deepmask(spec: dict) -> dict:
     torch.manual_seed(0)
     model = build_deepmask(dm, pretrained=False).to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=dm.lr, momentum=dm.momentum, weight_decay=dm.weight_decay)
-    step = TrainStep(model, opt, batch_loss(model, dm, device))  # the training's own iteration
+    step = TrainStep(model, opt, batch_loss(model, dm, device), autocast=_autocast(spec), device_type=device.type)
     sampler, _ = build_samplers(cfg, pad_rgb_for(dm.pad_color, model.trunk.mean))
     clock = _Clock(spec["device"])
     steps, data, seen = _time_steps(spec, sampler.batch, step, clock, lambda b: (len(b["labels"]), b["kind"]))
     sizes, kinds = [n for n, _ in seen], [k for _, k in seen]
     return {"per_item": steps, "items": sizes, "unit": "patches/s", "detail": {
-        "trunk": dm.trunk, "batch_size": dm.batch_size, "patch_size": dm.patch_size, "batch_kinds": kinds,
+        "trunk": dm.trunk, "train_dtype": spec.get("train_dtype", "float32"), "batch_size": dm.batch_size, "patch_size": dm.patch_size, "batch_kinds": kinds,
         "step_s_median": float(np.median(steps)), "sampling": throughput(data, sizes, "patches/s")}}
 
 
@@ -236,7 +242,8 @@ def _m_train_frcnn(spec: dict) -> dict:
     device = torch.device(spec["device"])
     torch.manual_seed(0)
     model = build_detector(dcfg, len(dataset.classes), pretrained="").to(device).train()
-    step = TrainStep(model, build_optimizer(model, dcfg), batch_loss(device))  # the training's own iteration
+    step = TrainStep(model, build_optimizer(model, dcfg), batch_loss(device), autocast=_autocast(spec),
+                     device_type=device.type)  # the training's own iteration
     stream = TrainStream(TrainEntries(dataset, dcfg.use_difficult), spec["store"], dcfg.train_top, dcfg,
                          model.mean, model.std, 0)
     clock = _Clock(spec["device"])
@@ -245,7 +252,7 @@ def _m_train_frcnn(spec: dict) -> dict:
                                     step, clock, lambda b: (int(b["images"].shape[0]), list(b["images"].shape[2:])))
     sizes, shapes = [n for n, _ in seen], [hw for _, hw in seen]
     return {"per_item": steps, "items": sizes, "unit": "images/s", "detail": {
-        "trunk": dcfg.trunk, "ims_per_batch": B, "batch_rois": dcfg.batch_rois, "fc_dim": dcfg.fc_dim,
+        "trunk": dcfg.trunk, "train_dtype": spec.get("train_dtype", "float32"), "ims_per_batch": B, "batch_rois": dcfg.batch_rois, "fc_dim": dcfg.fc_dim,
         "input_hw": shapes[:2], "step_s_median": float(np.median(steps)),
         "data": throughput(data, sizes, "images/s")}}
 

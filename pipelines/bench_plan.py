@@ -61,6 +61,7 @@ def all_measurements() -> list[str]:
     names += [f"frcnn_test.{t}.top{n}" for t in FRCNN_TRUNKS for n in FRCNN_TOPS]
     names += [f"train.deepmask.{t}" for t in ("small", "efficientnet_lite0")]
     names += [f"train.frcnn.{t}" for t in FRCNN_TRUNKS]
+    names += ["train.deepmask.efficientnet_lite0.bf16", "train.frcnn.efficientnet_lite0.bf16"]  # bfloat16 autocast
     names += ["voc07_eval", "deepmask_big.efficientnet_lite0.per_scale", "deepmask_big.efficientnet_lite0.batched"]
     return names
 
@@ -138,7 +139,8 @@ def spec_of(name: str, opts: BenchOptions, images: list[str], heavy: list[str], 
                 "images": heavy if trunk in HEAVY_TRUNKS else images}
     if parts[0] == "train":
         iters = opts.train_iters if parts[2] not in HEAVY_TRUNKS else max(1, opts.train_iters // 2)
-        return {**base, "kind": f"train_{parts[1]}", "trunk": parts[2], "iters": iters, **train}
+        return {**base, "kind": f"train_{parts[1]}", "trunk": parts[2], "iters": iters, **train,
+                "train_dtype": "bfloat16" if parts[3:] == ["bf16"] else "float32"}
     if name == "voc07_eval":
         return {**base, "kind": "voc07", "device": "cpu", "voc_images": opts.voc_images,
                 "voc_classes": opts.voc_classes, "voc_dets": opts.voc_dets, "repeats": min(opts.repeats, 3),

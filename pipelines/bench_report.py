@@ -84,6 +84,7 @@ def compute_ratios(results: dict) -> dict:
     pairs.append(("ss.opencv", "ss.skimage"))
     for t in FRCNN_TRUNKS:
         pairs.append((f"frcnn_test.{t}.top2000", f"frcnn_test.{t}.top100"))
+    pairs += [(f"train.{s}.efficientnet_lite0.bf16", f"train.{s}.efficientnet_lite0") for s in ("deepmask", "frcnn")]
     out = {}
     for a, b in pairs:
         ra, rb = results.get(a), results.get(b)

@@ -58,3 +58,47 @@ def test_step_updates_and_guards():
     with pytest.raises(DataError, match="iteration 5"):
         step(torch.ones(1, 2), 4)
     assert torch.equal(net.weight, w0)
+
+
+def test_bfloat16_autocast_step_keeps_float32_weights_and_learns():
+    # train_dtype bfloat16: the forward pass's matrix products in bfloat16, the loss, weights and gradients float32,
+    # and the same problem learned as in float32
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+    y = x @ torch.randn(8, 1)
+    seen = {}
+
+    def loss_fn(n, b):
+        out = n(b[0])
+        seen["dtype"] = out.dtype
+        return ((out.float() - b[1]) ** 2).mean(), {}
+
+    losses = {}
+    for dtype in (None, torch.bfloat16):
+        torch.manual_seed(1)
+        net = torch.nn.Linear(8, 1)
+        step = TrainStep(net, torch.optim.SGD(net.parameters(), lr=0.1), loss_fn, autocast=dtype)
+        first = step((x, y), 0)[0].item()
+        for it in range(1, 60):
+            loss, _ = step((x, y), it)
+        assert seen["dtype"] == (dtype or torch.float32)
+        assert loss.dtype == torch.float32 and net.weight.dtype == torch.float32
+        assert net.weight.grad.dtype == torch.float32
+        losses[dtype] = (first, loss.item())
+    (f32_first, f32_last), (bf_first, bf_last) = losses[None], losses[torch.bfloat16]
+    assert f32_last < 0.01 * f32_first and bf_last < 0.05 * bf_first
+    assert abs(bf_first - f32_first) < 0.02 * f32_first  # same start: the rounding of bfloat16, no more
+
+
+def test_train_dtype_keys_its_stage_only_when_set():
+    from core.config import DET_TRAIN, DM_TRAIN, load_config, values_for
+    from core.errors import ConfigError
+
+    cfg = load_config("configs/shapes.yaml")
+    assert "deepmask.train_dtype" not in values_for(cfg, DM_TRAIN)  # runs of earlier versions keep their keys
+    assert "detector.train_dtype" not in values_for(cfg, DET_TRAIN)
+    bf = load_config("configs/shapes.yaml", ["deepmask.train_dtype=bfloat16", "detector.train_dtype=bfloat16"])
+    assert values_for(bf, DM_TRAIN)["deepmask.train_dtype"] == "bfloat16"
+    assert values_for(bf, DET_TRAIN)["detector.train_dtype"] == "bfloat16"
+    with pytest.raises(ConfigError, match="deepmask.train_dtype.*got 'bf16'"):
+        load_config("configs/shapes.yaml", ["deepmask.train_dtype=bf16"])
