@@ -136,6 +136,61 @@ def _convert(raw: np.ndarray, w: float, h: float, layout: str, base: str, frame,
     return b
 
 
+def _split_images(pf: ProposalFile, split_ids: list[str]) -> tuple[dict, list, list, list]:
+    """The file's images by split id: (by_split, unknown file ids, missing split ids, notes on the matching)."""
+    if pf.positional:
+        mapping = {i: i for i in pf.images}
+        unknown = [f"#{len(split_ids) + k}" for k in range(pf.extra_entries)]
+        notes = []
+    else:
+        mapping, unknown, notes = match_ids(list(pf.images), split_ids)
+    by_split = {mapping[f]: img for f, img in pf.images.items() if f in mapping}
+    missing = [i for i in split_ids if i not in by_split]
+    if missing and pf.format == "coco":
+        notes.append("a COCO results json has no entry for an image without proposals: if the missing images have "
+                     "none, --allow-missing")
+    return by_split, unknown, missing, notes
+
+
+def _refuse(path, report: Report, info: dict) -> None:
+    fixes = [f.fix for f in report.findings if f.severity == REFUSE and f.fix]
+    raise ImportRefused(f"{path}: refused ({', '.join(report.refused)})" +
+                        (f"; fix: {'; '.join(dict.fromkeys(fixes))}" if fixes else "") +
+                        " (--force imports it as read)", report, info)
+
+
+def _masks_fit(path, by_split: dict, known: list, sizes: dict) -> bool:
+    """Whether every image has masks, all of its own size (else none are imported, with a warning)."""
+    if not known or any(by_split[i].masks is None for i in known):
+        return False
+    for i in known:
+        w, h = sizes[i]
+        if any([int(v) for v in m["size"]] != [h, w] for m in by_split[i].masks):
+            log.warning("%s: masks of image %s are not %dx%d: masks not imported", path, i, h, w)
+            return False
+    return True
+
+
+def _store_image(store, i, raw, size, conv: dict, rank_by: str, has_masks: bool) -> tuple[int, int, int, int]:
+    """One image's boxes converted, clipped to the image, emptied ones dropped, ranked; (read, stored, clipped,
+    dropped)."""
+    w, h = size
+    b = _convert(raw.boxes, w, h, **conv)
+    c = b.copy()
+    c[:, [0, 2]] = np.clip(c[:, [0, 2]], 0, w)
+    c[:, [1, 3]] = np.clip(c[:, [1, 3]], 0, h)
+    keep = (c[:, 2] > c[:, 0]) & (c[:, 3] > c[:, 1])
+    idx = np.flatnonzero(keep)
+    s = raw.scores
+    if s is not None and rank_by == "score" and len(idx) > 0 and not np.all(s[idx] == s[idx][0]):
+        idx = idx[np.argsort(-s[idx], kind="stable")]
+        scores = s[idx].astype(np.float32)
+    else:
+        scores = rank_scores(len(idx), len(idx))
+    store.put(i, c[idx].astype(np.float32), scores, [raw.masks[k] for k in idx] if has_masks else None)
+    return len(b), len(idx), int(np.any(c != b, axis=1).sum()), int((~keep).sum())
+
+
 def import_proposals(path, dataset, out=None, *, fmt: str = "auto", name: str | None = None,
                      layout: str | None = None, base: str | None = None, resized: str | None = None,
                      rank_by: str = "score", allow_missing: bool = False, force: bool = False,
@@ -157,21 +212,10 @@ def import_proposals(path, dataset, out=None, *, fmt: str = "auto", name: str | 
     method = method_name(name or default_name(path))
     split_ids = [str(i) for i in dataset.image_ids]
     pf: ProposalFile = read_proposal_file(path, fmt, split_ids=split_ids, trust_pickle=trust_pickle)
-    if pf.positional:
-        mapping = {i: i for i in pf.images}
-        unknown = [f"#{len(split_ids) + k}" for k in range(pf.extra_entries)]
-        notes = []
-    else:
-        mapping, unknown, notes = match_ids(list(pf.images), split_ids)
-    by_split = {mapping[f]: img for f, img in pf.images.items() if f in mapping}
+    by_split, unknown, missing, notes = _split_images(pf, split_ids)
     known = [i for i in split_ids if i in by_split]
-    missing = [i for i in split_ids if i not in by_split]
-    if missing and pf.format == "coco":
-        notes.append("a COCO results json has no entry for an image without proposals: if the missing images have "
-                     "none, --allow-missing")
     sizes = image_sizes(dataset, known, progress)
-    L = layout or pf.layout
-    B = base or pf.base
+    L, B = layout or pf.layout, base or pf.base
     report = check_proposals({i: by_split[i] for i in known}, sizes, layout=L, base=B, resized=frame,
                              rel_mode=pf.rel_mode, format_has_scores=pf.has_scores, rank_by=rank_by,
                              unknown_ids=unknown, missing_ids=missing, positional=pf.positional,
@@ -182,19 +226,9 @@ def import_proposals(path, dataset, out=None, *, fmt: str = "auto", name: str | 
     if check_only:
         return ImportResult(report, info, None)
     if report.refused and not force:
-        fixes = [f.fix for f in report.findings if f.severity == REFUSE and f.fix]
-        raise ImportRefused(f"{path}: refused ({', '.join(report.refused)})" +
-                            (f"; fix: {'; '.join(dict.fromkeys(fixes))}" if fixes else "") +
-                            " (--force imports it as read)", report, info)
+        _refuse(path, report, info)
 
-    has_masks = bool(known) and all(by_split[i].masks is not None for i in known)
-    if has_masks:
-        for i in known:
-            w, h = sizes[i]
-            if any([int(v) for v in m["size"]] != [h, w] for m in by_split[i].masks):
-                log.warning("%s: masks of image %s are not %dx%d: masks not imported", path, i, h, w)
-                has_masks = False
-                break
+    has_masks = _masks_fit(path, by_split, known, sizes)
     params = {"imported": {"file": str(path.resolve()), "sha1": _file_sha1(path), "format": pf.format, "layout": L,
                            "base": B, "resized": info["resized"], "rank_by": rank_by,
                            "allow_missing": bool(allow_missing), "forced": bool(force and report.refused)}}
@@ -203,33 +237,15 @@ def import_proposals(path, dataset, out=None, *, fmt: str = "auto", name: str | 
     if store.meta.get("complete"):
         log.info("%s: already holds this import of %s", store.path, path)
         return ImportResult(report, {**info, "method": method, "skipped": True}, str(store.path))
-    n_in = n_out = n_clip = n_drop = 0
+    conv = {"layout": L, "base": B, "frame": frame, "rel": pf.rel_mode}
+    totals = np.zeros(4, np.int64)  # read, stored, clipped, dropped
     for i in tqdm(split_ids, desc="import", unit="img", disable=not progress):
-        raw = by_split.get(i)
-        if raw is None:  # --allow-missing
+        if i not in by_split:  # --allow-missing
             store.put(i, np.zeros((0, 4), np.float32), np.zeros(0, np.float32), [] if has_masks else None)
             continue
-        w, h = sizes[i]
-        b = _convert(raw.boxes, w, h, L, B, frame, pf.rel_mode)
-        n_in += len(b)
-        c = b.copy()
-        c[:, [0, 2]] = np.clip(c[:, [0, 2]], 0, w)
-        c[:, [1, 3]] = np.clip(c[:, [1, 3]], 0, h)
-        n_clip += int(np.any(c != b, axis=1).sum())
-        keep = (c[:, 2] > c[:, 0]) & (c[:, 3] > c[:, 1])
-        n_drop += int((~keep).sum())
-        idx = np.flatnonzero(keep)
-        s = raw.scores
-        ranked = s is not None and rank_by == "score" and len(idx) > 0 and not np.all(s[idx] == s[idx][0])
-        if ranked:
-            idx = idx[np.argsort(-s[idx], kind="stable")]
-            scores = s[idx].astype(np.float32)
-        else:
-            scores = rank_scores(len(idx), len(idx))
-        masks = [raw.masks[k] for k in idx] if has_masks else None
-        store.put(i, c[idx].astype(np.float32), scores, masks)
-        n_out += len(idx)
+        totals += _store_image(store, i, by_split[i], sizes[i], conv, rank_by, has_masks)
     store.finalize()
+    n_in, n_out, n_clip, n_drop = (int(v) for v in totals)
     info.update(method=method, boxes_read=n_in, boxes_stored=n_out, boxes_clipped=n_clip, boxes_dropped=n_drop,
                 has_masks=has_masks)
     write_json(Path(out) / "import.json", {**info, "report": report.as_dict()}, indent=1)
