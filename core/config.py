@@ -59,7 +59,9 @@ class MaskSource:
     relative to (`images`); or a binary-mask dataset (core.binary_masks): a folder of `images` and `masks`, a folder
     of same-named PNG masks thresholded at 128, whose connected components of at least `min_area` of the image
     (`objects: components`) or whole foreground (`objects: whole`) are the objects; `max_images` > 0 keeps the first
-    N images by name."""
+    N images by name. `share` > 0 (training sets): the fraction of the positives, and of the images negatives are
+    drawn from, that come from this set; the sets without a share split the rest by their sizes (0 everywhere:
+    every object, and every image, equally likely whatever its set)."""
 
     ann: str = ""
     images: str = ""
@@ -67,6 +69,7 @@ class MaskSource:
     objects: str = _key_if_set("components")
     min_area: float = _key_if_set(0.01)
     max_images: int = _key_if_set(0)
+    share: float = _key_if_set(0.0)
 
 
 

@@ -35,6 +35,7 @@ class Record:
     difficult: np.ndarray  # (N,) bool
     iscrowd: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     segmentations: list | None = None  # COCO raw segmentation per object (polygons or RLE)
+    source: int = 0  # index of the mask set it came from (DeepMask's train_sets)
 
     def __post_init__(self):
         if len(self.iscrowd) != len(self.boxes):

@@ -272,3 +272,47 @@ def test_negative_scales_follow_the_object_range_in_image_pixels():
     p = SamplerParams.from_config(DeepMaskConfig(), (0.0, 0.0, 0.0))  # the paper's: 2^-2.5 .. 2^1.5 at 128
     assert (p.neg_scale_min, p.neg_scale_max) == (pytest.approx(-2.5, abs=1e-6), pytest.approx(1.5, abs=1e-6))
     assert math.isclose(p.neg_scale_max - p.neg_scale_min, 4.0, abs_tol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["object", "official"])
+def test_source_shares_set_the_mix_of_positives_and_negative_images(mode):
+    # source 0: image 0 (one object); source 1: images 1-3 (nine objects). share 0.5 for source 0: half of the
+    # positives and half of the negatives' images come from it, whatever its size; within a source as before
+    recs = _records_two_classes()
+    for r in recs:
+        r.source = 0 if r.image_id == "0" else 1
+    s = PatchSampler(recs, _params(positive_sampling=mode), seed=0, shares=[0.5, 0.0])
+    rng = np.random.default_rng(0)
+    draws = [s.draw_positive(rng, "mask") for _ in range(8000)]
+    assert abs(np.mean([ri == 0 for ri, _ in draws]) - 0.5) < 0.02
+    counts = np.bincount([3 * (ri - 1) + j for ri, j in draws if ri > 0], minlength=9)
+    assert counts.min() > 0.8 * counts.mean()  # within source 1, every instance equally often
+    neg = [s._shared.image(rng) for _ in range(4000)]
+    assert abs(np.mean(np.array(neg) == 0) - 0.5) < 0.03
+    # no share: uniform over the objects (1 of 10) and over the images (1 of 4); the draws are today's
+    plain, none = PatchSampler(recs, _params(positive_sampling="object"), seed=0), \
+        PatchSampler(recs, _params(positive_sampling="object"), seed=0, shares=[0.0, 0.0])
+    a = [plain.draw_positive(np.random.default_rng(1), "mask") for _ in range(50)]
+    b = [none.draw_positive(np.random.default_rng(1), "mask") for _ in range(50)]
+    assert a == b and none._shared is None
+    from core.errors import ConfigError
+    with pytest.raises(ConfigError, match="share"):
+        PatchSampler(recs, _params(), seed=0, shares=[0.7, 0.6])
+
+
+def test_share_keys_training_only_when_set(tmp_path):
+    from core.config import DM_TRAIN, load_config, values_for
+
+    cfg = load_config("configs/voc07_real_cpu.yaml")
+    keyed = values_for(cfg, DM_TRAIN)["deepmask.train_sets"]
+    assert all("share" not in s for s in keyed)  # the real run's DeepMask keeps its key
+    cfg = load_config("configs/voc07_real_cpu.yaml", [
+        "deepmask.train_sets=[{ann: a.json, images: im, share: 0.5}, {images: i2, masks: m2}]"])
+    keyed = values_for(cfg, DM_TRAIN)["deepmask.train_sets"]
+    assert keyed[0]["share"] == 0.5 and "share" not in keyed[1]
+    # the records carry their set's index; each set's categories stay its own
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    recs = load_records([make_coco(tmp_path / "a", n_images=2), make_coco(tmp_path / "b", n_images=3)])
+    assert [r.source for r in recs] == [0, 0, 1, 1, 1]
+    assert {int(v) for r in recs[:2] for v in r.labels} == {0} and {int(v) for r in recs[2:] for v in r.labels} == {1}

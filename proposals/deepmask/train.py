@@ -96,8 +96,9 @@ def build_samplers(cfg: Config, pad_rgb) -> tuple[PatchSampler, PatchSampler]:
             raise DataError("deepmask: no validation images (set deepmask.val_sets, or give more than one "
                             "training image)")
     params = SamplerParams.from_config(dm, pad_rgb)
-    return (PatchSampler(train, params, seed=cfg.seed, name="train"),
-            PatchSampler(val, params, seed=cfg.seed + 1_000_003, name="val"))
+    shares = [src.share for src in dm.train_sets]  # held-out validation images keep the training mix
+    return (PatchSampler(train, params, seed=cfg.seed, name="train", shares=shares),
+            PatchSampler(val, params, seed=cfg.seed + 1_000_003, name="val", shares=() if dm.val_sets else shares))
 
 
 def fixed_val_batches(sampler: PatchSampler, n: int) -> list[dict]:
