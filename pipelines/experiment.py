@@ -266,18 +266,7 @@ def run_experiment(cfg: Config, progress: bool = True) -> dict:
     train_ds = VOCDataset(cfg.data.voc, cfg.data.train_split, max_images=cfg.data.train_images)
     test_ds = VOCDataset(cfg.data.voc, cfg.data.test_split, max_images=cfg.data.test_images)
     methods = list(cfg.sweep.methods)
-    from core.store import ProposalStore
-    from proposals import METHODS
-
-    unknown = [m for m in methods if not known_method(m)]
-    if unknown:
-        raise ConfigError(f"config key 'sweep.methods': unknown method(s) {unknown} (choose from {', '.join(METHODS)}, "
-                          "or imported:<name> for a store made by pipelines.import_proposals)")
-    imported = {}
-    for method in filter(is_imported, methods):
-        for ds in (train_ds, test_ds):
-            imported[method, ds.split] = _imported_store(cfg, paths, method, ds).meta["params"]
-
+    imported = _imported_params(cfg, paths, methods, (train_ds, test_ds))
     keys = stage_keys(cfg, split_identity(train_ds), split_identity(test_ds), imported=imported)
 
     # 1. DeepMask
@@ -300,31 +289,10 @@ def run_experiment(cfg: Config, progress: bool = True) -> dict:
                 lambda m=method, d=ds, o=out: _extract(cfg, m, d, o, dm_ckpt, progress), outputs=out)
 
     # 3. one Fast R-CNN per method and seed, keyed by the training proposals it reads
-    fingerprints = None
-    if distributed.is_main():
-        fingerprints = {}
-        for m in methods:
-            store = ProposalStore.open(stores[m, train_ds.split])
-            tops = [None] + retrain_counts(cfg)
-            reads = [(cfg.detector.train_top if top is None else top) or None for top in tops]
-            fingerprints.update(zip(((m, t) for t in tops), store.fingerprints(reads, train_ds.image_ids)))
-    fingerprints = distributed.broadcast_object(fingerprints)
+    fingerprints = _training_fingerprints(cfg, methods, stores, train_ds)
     keys = stage_keys(cfg, split_identity(train_ds), split_identity(test_ds), fingerprints,
                       imported=imported)
-    seen = set()
-    for method in methods:
-        jobs = [(None, s, f) for s, f in paths.detectors(cfg, method)] + paths.retrained(cfg, method)
-        for top, seed, folder in jobs:
-            name = detector_stage(method, seed, cfg, top)
-            if name in seen:  # a re-train N equal to detector.train_top: the fixed detector, trained once
-                continue
-            seen.add(name)
-            k = keys[name]
-            run_cfg = dataclasses.replace(cfg, seed=seed)
-            if top is not None:
-                run_cfg = dataclasses.replace(run_cfg, detector=dataclasses.replace(cfg.detector, train_top=top))
-            stages.run(name, k["key"], lambda c=run_cfg, m=method, f=folder: _train_detector(
-                c, stores[m, train_ds.split], train_ds, f, progress), outputs=folder, resume_key=k["resume_key"])
+    _train_detectors(cfg, paths, stages, keys, methods, stores, train_ds, progress)
 
     # 4. the sweep, plots and the summary
     from pipelines.sweep import run_sweep
@@ -339,6 +307,52 @@ def run_experiment(cfg: Config, progress: bool = True) -> dict:
     summary = read_json(paths.root / "sweep.json")
     summary["stages_run"] = list(stages.ran)
     return summary
+
+
+def _imported_params(cfg: Config, paths: RunPaths, methods: list[str], datasets) -> dict:
+    """{(method, split): the import's params} of the imported methods; ConfigError for an unknown method."""
+    from proposals import METHODS
+
+    unknown = [m for m in methods if not known_method(m)]
+    if unknown:
+        raise ConfigError(f"config key 'sweep.methods': unknown method(s) {unknown} (choose from {', '.join(METHODS)}, "
+                          "or imported:<name> for a store made by pipelines.import_proposals)")
+    return {(m, ds.split): _imported_store(cfg, paths, m, ds).meta["params"]
+            for m in filter(is_imported, methods) for ds in datasets}
+
+
+def _training_fingerprints(cfg: Config, methods: list[str], stores: dict, train_ds) -> dict:
+    """{(method, top or None): fingerprint of the training proposals that detector reads} (rank 0's, shared)."""
+    from core.store import ProposalStore
+
+    fingerprints = None
+    if distributed.is_main():
+        fingerprints = {}
+        for m in methods:
+            store = ProposalStore.open(stores[m, train_ds.split])
+            tops = [None] + retrain_counts(cfg)
+            reads = [(cfg.detector.train_top if top is None else top) or None for top in tops]
+            fingerprints.update(zip(((m, t) for t in tops), store.fingerprints(reads, train_ds.image_ids)))
+    return distributed.broadcast_object(fingerprints)
+
+
+def _train_detectors(cfg: Config, paths: RunPaths, stages: Stages, keys: dict, methods: list[str], stores: dict,
+                     train_ds, progress: bool) -> None:
+    """The detector stages: per method and seed the fixed-protocol detector, and the re-trained ones."""
+    seen = set()
+    for method in methods:
+        jobs = [(None, s, f) for s, f in paths.detectors(cfg, method)] + paths.retrained(cfg, method)
+        for top, seed, folder in jobs:
+            name = detector_stage(method, seed, cfg, top)
+            if name in seen:  # a re-train N equal to detector.train_top: the fixed detector, trained once
+                continue
+            seen.add(name)
+            k = keys[name]
+            run_cfg = dataclasses.replace(cfg, seed=seed)
+            if top is not None:
+                run_cfg = dataclasses.replace(run_cfg, detector=dataclasses.replace(cfg.detector, train_top=top))
+            stages.run(name, k["key"], lambda c=run_cfg, m=method, f=folder: _train_detector(
+                c, stores[m, train_ds.split], train_ds, f, progress), outputs=folder, resume_key=k["resume_key"])
 
 
 def _imported_store(cfg: Config, paths: RunPaths, method: str, ds):
