@@ -107,7 +107,6 @@ def build_report(run, cfg: Config | None = None, max_images: int | None = None, 
     from tqdm import tqdm
 
     from core.datasets import VOCDataset
-    from core.images import load_image
     from core.store import ProposalStore
     from detector.test import present_classes
     from pipelines.experiment import RunPaths
@@ -144,41 +143,10 @@ def build_report(run, cfg: Config | None = None, max_images: int | None = None, 
         ids = ids[:max_images]
     index, missed = [], {m: [] for m in methods}
     for i, iid in enumerate(tqdm(ids, desc="report", unit="img", disable=not progress)):
-        rec = test_ds.get(iid)
-        image = load_image(rec.path)
-        view, s = _resized(image, VIEW_SIDE)
-        _write_jpeg(tmp / "img" / f"{i}.jpg", view)
-        _write_jpeg(tmp / "thumb" / f"{i}.jpg", _resized(image, THUMB_SIDE)[0], 80)
-        gt = np.asarray(rec.boxes, np.float64).reshape(-1, 4)
-        item = {"i": i, "id": iid, "w": int(image.shape[1]), "h": int(image.shape[0]), "scale": s,
-                "gt": [[*np.round(b, 1).tolist(), test_ds.classes[int(c)], bool(d)]
-                       for b, c, d in zip(gt, rec.labels, rec.difficult)], "proposals": {}, "dets": {}}
-        recall = {}
-        for m, store in stores.items():
-            p = store.get(iid, top=max(top_k, MISS_TOP), masks=store.has_masks)
-            boxes = np.asarray(p.boxes, np.float64)
-            item["proposals"][m] = np.round(boxes[:top_k], 1).tolist()
-            item["dets"][m] = {str(n): dets[m][n].get(iid, [])[:100] for n in counts if dets[m][n]}
-            if p.masks:
-                _mask_overlay(p.masks[:MASKS_SHOWN], (view.shape[1], view.shape[0]), tmp / "mask" / f"{i}.png")
-                item["masks"] = m
-            best = box_iou(gt, boxes[:MISS_TOP]).max(1, initial=0.0)
-            keep = ~np.asarray(rec.difficult, bool)
-            recall[m] = round(float((best[keep] >= MISS_IOU).mean()), 3) if keep.any() else None
-            for j in np.flatnonzero(keep & (best < MISS_IOU)):
-                crop = _crop(image, gt[j])
-                if crop is not None:
-                    missed[m].append((float((gt[j, 2] - gt[j, 0]) * (gt[j, 3] - gt[j, 1])), i, int(j),
-                                      round(float(best[j]), 3), crop, test_ds.classes[int(rec.labels[j])]))
-            missed[m] = sorted(missed[m], key=lambda t: -t[0])[:MISS_GALLERY]  # the largest missed objects
+        item, recall = _image_page(tmp, i, iid, test_ds, stores, dets, counts, top_k, missed)
         (tmp / "data" / f"img_{i}.js").write_text(f"REPORT_IMAGE({json.dumps(item, separators=(',', ':'))});\n")
-        index.append({"i": i, "id": iid, "n_gt": len(gt), "recall100": recall})
-    gallery = {}
-    for m, items in missed.items():
-        gallery[m] = []
-        for k, (_, i, j, iou, crop, cls) in enumerate(items):
-            _write_jpeg(tmp / "miss" / f"{m.replace(':', '_')}_{k}.jpg", crop, 80)
-            gallery[m].append({"file": f"{m.replace(':', '_')}_{k}.jpg", "i": i, "gt": j, "iou": iou, "class": cls})
+        index.append({"i": i, "id": iid, "n_gt": len(item["gt"]), "recall100": recall})
+    gallery = _write_gallery(tmp, missed)
     doc = {"tables": _tables(run, cfg, summary, classes), "figures": figures, "methods": methods, "images": index,
            "gallery": gallery, "top_k": top_k, "miss": {"iou": MISS_IOU, "top": MISS_TOP}, "counts": counts}
     (tmp / "data" / "index.js").write_text("REPORT = " + json.dumps(doc, separators=(",", ":")) + ";\n")
@@ -189,6 +157,54 @@ def build_report(run, cfg: Config | None = None, max_images: int | None = None, 
     tmp.rename(out)
     log.info("report: %s (%d images)", out / "index.html", len(index))
     return out / "index.html"
+
+
+def _image_page(tmp: Path, i: int, iid: str, test_ds, stores: dict, dets: dict, counts: list, top_k: int,
+                missed: dict) -> tuple[dict, dict]:
+    """One test image's view, thumbnail and mask overlay written under ``tmp``; returns its page data and its
+    recall per method (top MISS_TOP proposals at IoU MISS_IOU); its missed objects join ``missed`` (the largest
+    MISS_GALLERY kept per method)."""
+    from core.images import load_image
+
+    rec = test_ds.get(iid)
+    image = load_image(rec.path)
+    view, s = _resized(image, VIEW_SIDE)
+    _write_jpeg(tmp / "img" / f"{i}.jpg", view)
+    _write_jpeg(tmp / "thumb" / f"{i}.jpg", _resized(image, THUMB_SIDE)[0], 80)
+    gt = np.asarray(rec.boxes, np.float64).reshape(-1, 4)
+    item = {"i": i, "id": iid, "w": int(image.shape[1]), "h": int(image.shape[0]), "scale": s,
+            "gt": [[*np.round(b, 1).tolist(), test_ds.classes[int(c)], bool(d)]
+                   for b, c, d in zip(gt, rec.labels, rec.difficult)], "proposals": {}, "dets": {}}
+    recall = {}
+    for m, store in stores.items():
+        p = store.get(iid, top=max(top_k, MISS_TOP), masks=store.has_masks)
+        boxes = np.asarray(p.boxes, np.float64)
+        item["proposals"][m] = np.round(boxes[:top_k], 1).tolist()
+        item["dets"][m] = {str(n): dets[m][n].get(iid, [])[:100] for n in counts if dets[m][n]}
+        if p.masks:
+            _mask_overlay(p.masks[:MASKS_SHOWN], (view.shape[1], view.shape[0]), tmp / "mask" / f"{i}.png")
+            item["masks"] = m
+        best = box_iou(gt, boxes[:MISS_TOP]).max(1, initial=0.0)
+        keep = ~np.asarray(rec.difficult, bool)
+        recall[m] = round(float((best[keep] >= MISS_IOU).mean()), 3) if keep.any() else None
+        for j in np.flatnonzero(keep & (best < MISS_IOU)):
+            crop = _crop(image, gt[j])
+            if crop is not None:
+                missed[m].append((float((gt[j, 2] - gt[j, 0]) * (gt[j, 3] - gt[j, 1])), i, int(j),
+                                  round(float(best[j]), 3), crop, test_ds.classes[int(rec.labels[j])]))
+        missed[m] = sorted(missed[m], key=lambda t: -t[0])[:MISS_GALLERY]  # the largest missed objects
+    return item, recall
+
+
+def _write_gallery(tmp: Path, missed: dict) -> dict:
+    """The crops of the missed objects under ``tmp/miss``; {method: [their entries]}."""
+    gallery = {}
+    for m, items in missed.items():
+        gallery[m] = []
+        for k, (_, i, j, iou, crop, cls) in enumerate(items):
+            _write_jpeg(tmp / "miss" / f"{m.replace(':', '_')}_{k}.jpg", crop, 80)
+            gallery[m].append({"file": f"{m.replace(':', '_')}_{k}.jpg", "i": i, "gt": j, "iou": iou, "class": cls})
+    return gallery
 
 
 def main(argv=None) -> int:
