@@ -3,6 +3,9 @@
 Defaults in code are the paper's values (DeepMask: Pinheiro et al. 2015 §3.4; Fast R-CNN: Girshick 2015 and its
 official code). YAML files in `configs/` override a few of them. An unknown key or a value of the wrong type
 raises `ConfigError` naming the full dotted key. The resolved config is written next to every output.
+
+Longer than the project's ~400-line rule on purpose: every field of every section, with the stages it affects
+and why it has its default, is in this one file (the generic parsing lives in core/config_parse.py).
 """
 from __future__ import annotations
 

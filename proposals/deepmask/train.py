@@ -46,7 +46,8 @@ from core.io import load_checkpoint
 from core.training import CheckpointFiles, Training, check_identity, make_loader
 
 from .model import DeepMask, build_deepmask, upsample_masks
-from .sampler import PatchSampler, PatchStream, SamplerParams, load_records, pad_rgb_for, split_holdout
+from .sampler import PatchSampler, PatchStream, SamplerParams, pad_rgb_for
+from .sources import load_records, split_holdout
 
 log = logging.getLogger(__name__)
 
