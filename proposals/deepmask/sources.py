@@ -85,7 +85,7 @@ class SourceShares:
     """Draws of a source first (by MaskSource.share; the sets without one split the rest by their positives or
     images), then within it as ``positive_sampling`` says."""
 
-    def __init__(self, records: list, sampler: PatchSampler, shares):
+    def __init__(self, records: list, sampler, shares):
         sh = np.asarray([float(v) for v in shares], np.float64)
         if np.any(sh < 0) or np.any(sh > 1) or sh.sum() > 1 + 1e-9:
             raise ConfigError(f"config key 'deepmask.train_sets': every share is in [0, 1] and they sum to at most 1, "
