@@ -246,9 +246,8 @@ class Training:
         """The autocast dtype of ``<section>.train_dtype`` (None: float32), logged once."""
         from .precision import resolve_dtype
 
-        dtype, name = resolve_dtype(getattr(self.scfg, "train_dtype", "float32"), self.device,
-                                    f"{self.section}.train_dtype")
-        log.info("%s: training forward pass in %s", self.what, name if dtype != torch.float32 else "float32")
+        dtype, name = resolve_dtype(self.scfg.train_dtype, self.device, f"{self.section}.train_dtype")
+        log.info("%s: training forward pass in %s", self.what, name)
         return None if dtype == torch.float32 else dtype
 
     def _advice(self) -> str:

