@@ -287,60 +287,17 @@ class DeepMaskProposer:
         per_scale = self._score_all(image)
         # all candidates of all scales, ranked by score
         flat = torch.cat([s.flatten() for _, _, s, _ in per_scale])
-        sizes = [s.numel() for _, _, s, _ in per_scale]
-        offsets = np.cumsum([0] + sizes)
+        offsets = np.cumsum([0] + [s.numel() for _, _, s, _ in per_scale])
         order = torch.argsort(flat, descending=True, stable=True)
-        n_finite = int(torch.isfinite(flat).sum())
-        order = order[:n_finite]
-
-        # segmentation features of every scale as rows of one table (all scales share one with scale_batch)
-        tables, first_row = [], {}
-        for _, _, _, (tab, _, _, _) in per_scale:
-            if id(tab) not in first_row:
-                first_row[id(tab)] = sum(len(t) for t in tables)
-                tables.append(tab)
-        table = tables[0] if len(tables) == 1 else torch.cat(tables)
-        # per scale: table row of the top-left cell of patch (0, 0), row pitch, score-map width, scale factors
-        origin = np.array([first_row[id(t)] + r * wd + c for _, _, _, (t, r, c, wd) in per_scale], np.int64)
-        pitch = np.array([wd for _, _, _, (_, _, _, wd) in per_scale], np.int64)
-        nx = np.array([s.shape[1] for _, _, s, _ in per_scale], np.int64)
-        exs = np.array([e[0] for e in per_scale], np.float64)
-        eys = np.array([e[1] for e in per_scale], np.float64)
-        wy, wx = (a.cpu().numpy() for a in self.window)
+        order = order[:int(torch.isfinite(flat).sum())]
+        layout = _CandidateLayout(per_scale, offsets)
 
         boxes, scores, rles = [], [], []
-        model, p = self.heads, self.patch
         pos = 0
         while len(boxes) < self.top_n and pos < len(order):
             idx = order[pos:pos + self.dm.chunk].numpy()
             pos += len(idx)
-            si = np.searchsorted(offsets, idx, side="right") - 1
-            cand_scores = flat[idx].numpy()
-            local = idx - offsets[si]
-            us, vs = local // nx[si], local % nx[si]
-            # masks of the chunk's candidates, all scales at once: their f x f windows of seg features gathered
-            # from the table (K, f, f, S) times the first mask layer (model.masks_at, in (y, x, c) order)
-            top = origin[si] + us * pitch[si] + vs
-            rows = top[:, None, None] + wy[None] * pitch[si][:, None, None] + wx[None]
-            win = table[torch.from_numpy(rows.reshape(-1)).to(table.device)].view(len(idx), -1)
-            hid = torch.nn.functional.linear(win, self.first_w, self.first_b)
-            if model.seg_lowrank is not None:
-                hid = model.seg_out(hid)
-            logits = hid.view(-1, model.mask_size, model.mask_size).float().cpu().numpy()
-            geo = np.stack([(self.stride * vs - self.pad) / exs[si], (self.stride * us - self.pad) / eys[si],
-                            p / exs[si], p / eys[si]], 1)
-            new_boxes, new_scores, new_rles = [], [], []
-            for k in range(len(idx)):
-                r = paste_mask(logits[k], *geo[k], h, w, self.logit_thr)
-                if r is None:
-                    continue
-                reg, x0, y0 = r
-                bx, by, bw, bh = cv2.boundingRect(reg.view(np.uint8))  # extent of the mask's pixels, one C call
-                if bw == 0:
-                    continue  # empty binary mask: dropped, the next candidate is taken
-                new_boxes.append([x0 + bx, y0 + by, x0 + bx + bw, y0 + by + bh])
-                new_rles.append(region_rle(reg[by:by + bh, bx:bx + bw], x0 + bx, y0 + by, h, w))
-                new_scores.append(cand_scores[k])
+            new_boxes, new_scores, new_rles = self._decode_chunk(idx, flat[idx].numpy(), layout, h, w)
             if not new_boxes:
                 continue
             boxes.extend(new_boxes)
@@ -360,6 +317,60 @@ class DeepMaskProposer:
         out_boxes = np.asarray(boxes[:n], np.float32).reshape(-1, 4)
         out_scores = 1.0 / (1.0 + np.exp(-np.asarray(scores[:n], np.float64)))  # sigmoid (official code)
         return out_boxes, out_scores.astype(np.float32), rles[:n]
+
+    def _decode_chunk(self, idx, cand_scores, layout, h, w):
+        """Masks, boxes and RLEs of one chunk of ranked candidates (flat indices `idx` over all scales); candidates
+        whose binary mask is empty are dropped."""
+        L = layout
+        model, p = self.heads, self.patch
+        wy, wx = (a.cpu().numpy() for a in self.window)
+        si = np.searchsorted(L.offsets, idx, side="right") - 1
+        local = idx - L.offsets[si]
+        us, vs = local // L.nx[si], local % L.nx[si]
+        # masks of the chunk's candidates, all scales at once: their f x f windows of seg features gathered
+        # from the table (K, f, f, S) times the first mask layer (model.masks_at, in (y, x, c) order)
+        top = L.origin[si] + us * L.pitch[si] + vs
+        rows = top[:, None, None] + wy[None] * L.pitch[si][:, None, None] + wx[None]
+        win = L.table[torch.from_numpy(rows.reshape(-1)).to(L.table.device)].view(len(idx), -1)
+        hid = torch.nn.functional.linear(win, self.first_w, self.first_b)
+        if model.seg_lowrank is not None:
+            hid = model.seg_out(hid)
+        logits = hid.view(-1, model.mask_size, model.mask_size).float().cpu().numpy()
+        geo = np.stack([(self.stride * vs - self.pad) / L.exs[si], (self.stride * us - self.pad) / L.eys[si],
+                        p / L.exs[si], p / L.eys[si]], 1)
+        new_boxes, new_scores, new_rles = [], [], []
+        for k in range(len(idx)):
+            r = paste_mask(logits[k], *geo[k], h, w, self.logit_thr)
+            if r is None:
+                continue
+            reg, x0, y0 = r
+            bx, by, bw, bh = cv2.boundingRect(reg.view(np.uint8))  # extent of the mask's pixels, one C call
+            if bw == 0:
+                continue  # empty binary mask: dropped, the next candidate is taken
+            new_boxes.append([x0 + bx, y0 + by, x0 + bx + bw, y0 + by + bh])
+            new_rles.append(region_rle(reg[by:by + bh, bx:bx + bw], x0 + bx, y0 + by, h, w))
+            new_scores.append(cand_scores[k])
+        return new_boxes, new_scores, new_rles
+
+
+class _CandidateLayout:
+    """Where each scale's candidates live: the segmentation features of every scale as rows of one table (all
+    scales share one with scale_batch), and per scale the table row of the top-left cell of patch (0, 0), the row
+    pitch, the score-map width and the image-to-scale factors."""
+
+    def __init__(self, per_scale, offsets):
+        tables, first_row = [], {}
+        for _, _, _, (tab, _, _, _) in per_scale:
+            if id(tab) not in first_row:
+                first_row[id(tab)] = sum(len(t) for t in tables)
+                tables.append(tab)
+        self.table = tables[0] if len(tables) == 1 else torch.cat(tables)
+        self.offsets = offsets
+        self.origin = np.array([first_row[id(t)] + r * wd + c for _, _, _, (t, r, c, wd) in per_scale], np.int64)
+        self.pitch = np.array([wd for _, _, _, (_, _, _, wd) in per_scale], np.int64)
+        self.nx = np.array([s.shape[1] for _, _, s, _ in per_scale], np.int64)
+        self.exs = np.array([e[0] for e in per_scale], np.float64)
+        self.eys = np.array([e[1] for e in per_scale], np.float64)
 
 
 def build_deepmask_proposer(cfg, checkpoint) -> DeepMaskProposer:
