@@ -145,6 +145,7 @@ def _m_ss(spec: dict) -> dict:
 def _m_frcnn_test(spec: dict) -> dict:
     import torch
 
+    from core.precision import resolve_dtype
     from detector.model import build_detector
     from detector.test import detect_image, postprocess
     from detector.transforms import compute_scale, resize_image, to_tensor
@@ -153,7 +154,9 @@ def _m_frcnn_test(spec: dict) -> dict:
     weights = _offline_weights(spec["trunk"])
     dcfg = dataclasses.replace(cfg.detector, trunk=spec["trunk"], pretrained=weights)
     torch.manual_seed(0)
-    model = build_detector(dcfg, 20, pretrained=weights).to(spec["device"]).eval()
+    # what the test stage runs: the folded trunk, the head in detector.test_dtype (auto: bfloat16 where native)
+    dtype, dtype_name = resolve_dtype(dcfg.test_dtype, torch.device(spec["device"]), "detector.test_dtype")
+    model = build_detector(dcfg, 20, pretrained=weights).to(spec["device"]).for_inference(dtype)
     images = _load_images(spec["images"])
     props = {id(im): torch.from_numpy(random_boxes(im.shape[0], im.shape[1], spec["top"], k))
              for k, im in enumerate(images)}
@@ -171,6 +174,7 @@ def _m_frcnn_test(spec: dict) -> dict:
     times, _ = _time_per_image(run, images, spec["repeats"], spec["warmup"], _Clock(spec["device"]))
     return {"per_item": times, "unit": "s/image", "detail": {
         "trunk": dcfg.trunk, "trunk_weights": weights or "random", "proposals": spec["top"], "fc_dim": dcfg.fc_dim,
+        "head_dtype": dtype_name,
         "test_scale": dcfg.test_scale,
         "max_size": dcfg.max_size, "detections_mean": float(np.mean(n_dets))}}
 
