@@ -67,7 +67,10 @@ class FastRCNN(nn.Module):
         roi_pool has Caffe semantics (inclusive end pixel, coordinates rounded), so the exclusive edges x2/y2 are
         turned into the last covered pixel (x2 - 1) as in the official code's inclusive boxes.
         Returns class logits (R,K+1) and class-specific deltas (R,4(K+1))."""
-        rois = rois.to(feats.dtype)
+        # coordinates stay float32 (bfloat16 would move them by up to 2 px); torchvision's CPU RoIPool has no
+        # bfloat16 kernel, so under bfloat16 autocast the map is pooled in float32
+        pool_dtype = feats.dtype if feats.dtype in (torch.float32, torch.float64) else torch.float32
+        rois = rois.to(pool_dtype)
         if rois.shape[0] == 0:
             z = feats.new_zeros((0,))
             return z.view(0, self.num_classes + 1), z.view(0, 4 * (self.num_classes + 1))
@@ -77,7 +80,7 @@ class FastRCNN(nn.Module):
             # inference on a CPU: the same numbers as RoIPool cast to the head's dtype, ~7x faster at 2000 RoIs
             x = roi_max_pool(feats, r, self.roi_size, self.spatial_scale, self.head_dtype).flatten(1)
         else:
-            x = self.roi_pool(feats, r).flatten(1).to(self.head_dtype)
+            x = self.roi_pool(feats.to(pool_dtype), r).flatten(1).to(self.head_dtype)
         x = torch.relu(self.fc6(x))
         if self.training:  # diagnostic: fraction of active fc6 units (dead ReLUs make the head predict the prior)
             self.fc6_active = float((x > 0).float().mean())

@@ -269,3 +269,23 @@ def test_checkpoint_roundtrip_frozen_bn_and_normalisation():
         rois = torch.tensor([[0.0, 0, 0, 40, 40]])
         with torch.inference_mode():
             assert torch.allclose(m(x, rois)[0], m2(x, rois)[0], atol=1e-6)
+
+
+def test_bfloat16_autocast_training_forward_and_backward():
+    """detector.train_dtype bfloat16: torchvision's CPU RoIPool has no bfloat16 kernel, so the map is pooled in
+    float32 with float32 coordinates; the logits follow the float32 ones to bfloat16 rounding and gradients reach
+    the trunk."""
+    torch.manual_seed(0)
+    m = _small().train()
+    m.drop6.p = m.drop7.p = 0.0  # the same forward both times
+    images = torch.randn(1, 3, 96, 128)
+    rois = torch.cat([torch.zeros(30, 1), _random_boxes(30, size=120, gen=torch.Generator().manual_seed(2))], 1)
+    ref, _ = m(images, rois)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cls, box = m(images, rois)
+    assert cls.dtype == torch.bfloat16 and torch.isfinite(cls).all() and torch.isfinite(box).all()
+    assert torch.allclose(cls.float(), ref, atol=0.05 * float(ref.abs().max()) + 1e-3)
+    (cls.float().logsumexp(1).mean() + box.float().square().mean()).backward()
+    grads = [p.grad for p in m.trunk.parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads) and any(float(g.abs().sum()) > 0 for g in grads)
+    assert m.fc6.weight.grad.dtype == torch.float32 and float(m.fc6.weight.grad.abs().sum()) > 0
