@@ -70,8 +70,8 @@ def roi_max_pool(feats: torch.Tensor, rois: torch.Tensor, output_size: int, spat
     tab = _sparse_table(feats, levels_y, levels_x, dtype).view(-1, C)
     tab = torch.cat([tab, tab.new_zeros((1, C))])  # a last row of zeros: where empty bins read
     b = r[:, 0].long()
-    # rows of the four windows of each bin: top / bottom row start x left / right column start (clamped into the
-    # map for empty bins, whose values are replaced by 0)
+    # rows of the four windows of each bin: top / bottom row start x left / right column start; empty bins read
+    # the zero row instead (their clamped starts are never used)
     y_pair = torch.stack([ys, ye - (1 << ky)], -1).clamp(0, H - 1)  # (R, n, 2)
     x_pair = torch.stack([xs, xe - (1 << kx)], -1).clamp(0, W - 1)
     plane = ((b[:, None, None] * levels_y + ky[:, :, None]) * levels_x + kx[:, None, :])  # (R, n, n)
