@@ -142,7 +142,7 @@ class DeepMaskProposer:
         self.first_w = first.weight.detach().view(-1, c, f, f).permute(0, 2, 3, 1).reshape(first.out_features, -1) \
             .contiguous()
         self.first_b = first.bias.detach()
-        self.window = (torch.arange(f, device=self.device)[:, None], torch.arange(f, device=self.device)[None, :])
+        self.window = (np.arange(f)[:, None], np.arange(f)[None, :])  # (y, x) offsets of a patch's f x f cells
 
     # ------------------------------------------------------------------------------------------ scales
     def _canvas(self, image: np.ndarray, e: float):
@@ -323,7 +323,7 @@ class DeepMaskProposer:
         whose binary mask is empty are dropped."""
         L = layout
         model, p = self.heads, self.patch
-        wy, wx = (a.cpu().numpy() for a in self.window)
+        wy, wx = self.window
         si = np.searchsorted(L.offsets, idx, side="right") - 1
         local = idx - L.offsets[si]
         us, vs = local // L.nx[si], local % L.nx[si]
