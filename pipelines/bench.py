@@ -2,7 +2,7 @@
 
     python -m pipelines.bench [--images DIR/VOC2007[:SPLIT] | --images FOLDER] [--num-images 20] [--device cpu|cuda]
         [--json OUT.json] [--repeats N] [--warmup N] [--only a,b,...] [--quick] [--threads N]
-        [--isolation fork|spawn] [--config CFG] [--set KEY=VALUE ...]
+        [--isolation fork|spawn] [--weights auto|random|RUN_DIR] [--config CFG] [--set KEY=VALUE ...]
 
 Measures DeepMask full-scene inference (trunks small / efficientnet_lite0 / vgg_a, scales batched against one at a
 time, with a check that both give identical proposals), SelectiveSearch (scikit-image and OpenCV backends), Fast
@@ -15,7 +15,9 @@ Prints a table and writes JSON (--json): {argv, host, settings, config, load_avg
 Without --images a few synthetic images are made (so it runs anywhere); `--images DIR/VOC2007:val` takes the first
 --num-images images of that split. The DeepMask head timed is the official code's cheaper one
 (deepmask.seg_channels=128) unless --set deepmask.seg_channels=512. --quick is a smoke run of a few seconds per
-measurement (tiny images and heads; its numbers mean nothing). See pipelines/benchlib.py for the details.
+measurement (tiny images and heads; its numbers mean nothing). --weights auto (the default) times the trained
+DeepMask and Fast R-CNN of the config's run folder where they exist (random heads otherwise, and with --quick):
+the work of a random head differs from a trained one's. See pipelines/benchlib.py for the details.
 """
 from __future__ import annotations
 
@@ -55,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-iters", type=int, default=4, help="timed training iterations (default 4)")
     p.add_argument("--voc-images", type=int, default=5000, help="images of the VOC07 metric benchmark")
     p.add_argument("--workdir", help="keep the children's specs, results and outputs here")
+    p.add_argument("--weights", default="auto", metavar="auto|random|RUN_DIR",
+                   help="models timed: 'auto' (default) the trained DeepMask (RUN/deepmask/best.pt) and Fast R-CNN "
+                        "(RUN/detector_deepmask/final.pt) of the config's run folder RUN where they exist, else random "
+                        "heads; 'random' random heads; or another run folder")
     add_config_args(p)
     args = p.parse_args(argv)
     if args.list:
@@ -72,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         only=[s.strip() for s in args.only.split(",") if s.strip()], quick=args.quick, threads=args.threads,
         isolation=args.isolation, train_iters=args.train_iters if not args.quick else 1,
         voc_images=voc_images, workdir=args.workdir, config=to_dict(cfg),
+        # --quick's tiny heads are not the run's: its 'auto' means random heads (a folder given is still used)
+        weights=benchlib.trained_weights("random" if args.quick and args.weights == "auto" else args.weights, cfg),
         argv=["python", "-m", "pipelines.bench"] + list(sys.argv[1:] if argv is None else argv))
     doc = benchlib.run_bench(opts, progress=lambda name, r: log.info("bench: %s done: %s", name, {
         k: r.get(k) for k in ("median", "unit", "peak_rss_mb", "error")}))

@@ -49,6 +49,9 @@ class BenchOptions:
     timeout_s: float = 3600.0
     workdir: str | None = None  # kept when given; a temporary folder otherwise
     config: dict | None = None  # core.config.to_dict of the Config to use (DEFAULT_OVERRIDES already applied)
+    # trained models to time instead of random heads (benchlib.trained_weights): {"deepmask" | "detector":
+    # {"path": checkpoint, "trunk": its trunk}}; a measurement of the same trunk uses it
+    weights: dict = field(default_factory=dict)
     argv: list[str] = field(default_factory=list)
 
 
@@ -117,6 +120,11 @@ def resolve_images(spec: str | None, n: int) -> tuple[list[str], str]:
     return paths, f"{desc}, first {len(paths)} images"
 
 
+def _checkpoint(opts: BenchOptions, stage: str, trunk: str) -> str | None:
+    w = opts.weights.get(stage)
+    return w["path"] if w and w["trunk"] == trunk else None
+
+
 def spec_of(name: str, opts: BenchOptions, images: list[str], heavy: list[str], workdir: Path,
              train: dict) -> dict:
     base = {"name": name, "config": opts.config, "device": opts.device, "repeats": opts.repeats,
@@ -127,16 +135,18 @@ def spec_of(name: str, opts: BenchOptions, images: list[str], heavy: list[str], 
         return {**base, "kind": "deepmask", "trunk": trunk, "batched": parts[2].startswith("batched"),
                 "dtype": "bfloat16" if parts[2].endswith("_bf16") else "float32",
                 "images": heavy if trunk in HEAVY_TRUNKS else images,
-                "outputs": str(workdir / f"{name}.outputs.pkl")}
+                "outputs": str(workdir / f"{name}.outputs.pkl"), "checkpoint": _checkpoint(opts, "deepmask", trunk)}
     if parts[0] == "deepmask_big":
         return {**base, "kind": "deepmask", "trunk": parts[1], "batched": parts[2] == "batched", "images": images[:1],
-                "upscale": list(opts.big_size), "repeats": 1, "warmup": 0}
+                "upscale": list(opts.big_size), "repeats": 1, "warmup": 0,
+                "checkpoint": _checkpoint(opts, "deepmask", parts[1])}
     if parts[0] == "ss":
         return {**base, "kind": "ss", "backend": parts[1], "device": "cpu", "images": images}
     if parts[0] == "frcnn_test":
         trunk = parts[1]
         return {**base, "kind": "frcnn_test", "trunk": trunk, "top": int(parts[2][3:]),
-                "images": heavy if trunk in HEAVY_TRUNKS else images}
+                "images": heavy if trunk in HEAVY_TRUNKS else images,
+                "checkpoint": _checkpoint(opts, "detector", trunk)}
     if parts[0] == "train":
         iters = opts.train_iters if parts[2] not in HEAVY_TRUNKS else max(1, opts.train_iters // 2)
         return {**base, "kind": f"train_{parts[1]}", "trunk": parts[2], "iters": iters, **train,

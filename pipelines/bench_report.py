@@ -115,6 +115,8 @@ def format_table(doc: dict) -> str:
              f"cpu: {doc['host'].get('cpu', '?')} x{doc['host'].get('cpus')}",
              f"deepmask: top_n {dm.get('top_n')}, seg_channels {dm.get('seg_channels')}, objects {dm.get('object_range')} px"
              f" step 2^{dm.get('scale_step')}, max_image_side {dm.get('max_image_side')}",
+             "weights: " + ("; ".join(f"trained {k} {w['path']} ({w['trunk']} measurements)"
+                                      for k, w in doc.get("weights", {}).items()) or "random heads"),
              ""]
     hdr = f"{'measurement':40s} {'unit':>9s} {'median':>9s} {'p10':>9s} {'p90':>9s} {'n':>4s} {'peak RSS':>9s} " \
           f"{'threads':>7s}"

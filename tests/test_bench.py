@@ -194,3 +194,51 @@ def test_compare_close_counts_matched_top_boxes(tmp_path):
     res = bench_report.compare_close(tmp_path / "a.pkl", tmp_path / "b.pkl")
     assert res["matched_fraction"] == 0.5 and not res["identical"]
     assert bench_report.compare_close(tmp_path / "a.pkl", tmp_path / "a.pkl")["identical"]
+
+
+def test_weights_time_the_trained_models_of_the_run(tiny_run, tiny_run_overrides, tmp_path):
+    """--weights auto (the default) with the config of a finished run times its trained DeepMask and Fast R-CNN,
+    exactly as pipelines.propose builds the proposer; --weights random keeps random heads; a bad folder is a
+    one-line error."""
+    import pickle
+
+    from core.config import load_config
+    from core.images import load_image
+    from detector.model import DetectorCheckpoint
+    from proposals.deepmask.infer import build_deepmask_proposer
+    from tiny_run import SHAPES
+
+    sets = [a for s in tiny_run_overrides for a in ("--set", s)]
+    only = "deepmask.small.per_scale,frcnn_test.small.top100"
+    out, wd = tmp_path / "trained.json", tmp_path / "wd"
+    r = _bench("--num-images", "2", "--config", str(SHAPES), *sets, "--weights", "auto", "--only", only,
+               "--workdir", str(wd), "--json", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    dm_ckpt, det_ckpt = tiny_run / "deepmask" / "best.pt", tiny_run / "detector_deepmask" / "final.pt"
+    assert doc["weights"]["deepmask"] == {"path": str(dm_ckpt), "trunk": "small"}
+    assert doc["results"]["deepmask.small.per_scale"]["detail"]["weights"] == str(dm_ckpt)
+    det = doc["results"]["frcnn_test.small.top100"]["detail"]
+    assert det["weights"] == str(det_ckpt)
+    assert det["fc_dim"] == DetectorCheckpoint.read(det_ckpt).config().detector.fc_dim
+    assert f"trained deepmask {dm_ckpt}" in r.stdout
+    # the proposals timed are those of the run's proposer under the bench's settings
+    cfg = load_config(str(SHAPES), benchlib.DEFAULT_OVERRIDES + tiny_run_overrides)
+    prop = build_deepmask_proposer(cfg, dm_ckpt)
+    outs = pickle.loads((wd / "deepmask.small.per_scale.outputs.pkl").read_bytes())
+    paths = doc["settings"]["image_paths"]
+    assert len(outs) == len(paths) >= 1
+    for path, (boxes, scores, rles) in zip(paths, outs):
+        b, s, m = prop(load_image(path))
+        np.testing.assert_array_equal(boxes, b)
+        np.testing.assert_array_equal(scores, s)
+        assert rles == m
+    # random heads on request (and --quick's default)
+    r = _bench("--quick", "--config", str(SHAPES), *sets, "--only", "frcnn_test.small.top100",
+               "--json", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["weights"] == {} and "random head" in doc["results"]["frcnn_test.small.top100"]["detail"]["weights"]
+    r = _bench("--weights", str(tmp_path / "no_run"), "--only", "voc07_eval")
+    assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "no_run" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
