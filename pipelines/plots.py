@@ -86,7 +86,8 @@ def plot_figure5(rows: list[dict], path, title: str = "Fast R-CNN mAP vs number 
     ax.set_ylabel("mAP (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    # beside the axes: inside, with three methods, it hid the low-N points (savefig's tight box keeps it)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     _save(fig, path)
 
 
