@@ -112,14 +112,12 @@ def trained_weights(choice: str, cfg) -> dict:
     out = {}
     for stage, f in files.items():
         if not f.is_file():
-            log.info("bench: no trained %s in %s: random heads", stage, run)
             continue
         if stage == "deepmask":
             trunk = from_dict(load_checkpoint(f)["config"]).deepmask.trunk
         else:
             trunk = DetectorCheckpoint.read(f).config().detector.trunk
         out[stage] = {"path": str(f), "trunk": trunk}
-        log.info("bench: timing the trained %s %s (%s trunk)", stage, f, trunk)
     return out
 
 
@@ -195,6 +193,10 @@ def _run(opts, names, images, desc, workdir, progress) -> dict:
             raise DataError(f"bench: preparing the data failed: {r['error']}\n{r.get('traceback', '')}")
         images = images or r.get("images", [])
     heavy = images[:opts.heavy_images]
+    for stage, w in opts.weights.items():
+        log.info("bench: timing the trained %s %s (%s trunk)", stage, w["path"], w["trunk"])
+    if not opts.weights:
+        log.info("bench: random heads (no trained models: see --weights)")
     results, errors = {}, {}
     for name in names:
         spec = spec_of(name, opts, images, heavy, workdir, train)
