@@ -98,6 +98,7 @@ def trained_weights(choice: str, cfg) -> dict:
     A trained model is what the pipeline runs: a random DeepMask head pastes noisier masks, a random detector head
     leaves ~1/21 scores around score_thresh for the NMS, so both time more (or other) work than a trained one."""
     from core.config import from_dict
+    from core.errors import CheckpointError
     from core.io import load_checkpoint
     from detector.model import DetectorCheckpoint
 
@@ -114,7 +115,10 @@ def trained_weights(choice: str, cfg) -> dict:
         if not f.is_file():
             continue
         if stage == "deepmask":
-            trunk = from_dict(load_checkpoint(f)["config"]).deepmask.trunk
+            ckpt = load_checkpoint(f)
+            if "config" not in ckpt:
+                raise CheckpointError(f"{f}: not a DeepMask checkpoint (no 'config')")
+            trunk = from_dict(ckpt["config"]).deepmask.trunk
         else:
             trunk = DetectorCheckpoint.read(f).config().detector.trunk
         out[stage] = {"path": str(f), "trunk": trunk}

@@ -250,3 +250,9 @@ def test_weights_time_the_trained_models_of_the_run(tiny_run, tiny_run_overrides
     r = _bench("--weights", str(tmp_path / "no_run"), "--only", "voc07_eval")
     assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "no_run" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+    # a file that is not a DeepMask checkpoint: a one-line error naming it
+    (tmp_path / "odd" / "deepmask").mkdir(parents=True)
+    torch.save({"model": {}}, tmp_path / "odd" / "deepmask" / "best.pt")
+    r = _bench("--weights", str(tmp_path / "odd"), "--only", "voc07_eval")
+    assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "best.pt" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
