@@ -344,3 +344,42 @@ def test_old_lite0_checkpoint_keys_are_renamed():
             assert v.shape == own[k[len(prefix):]].shape, k
     assert torch.equal(backbones.upgrade_state_dict(ref)["blocks.2.1.conv_pwl.weight"], ref["blocks.4.project.conv.weight"])
     assert backbones.upgrade_state_dict(own) is own  # today's keys: unchanged
+
+
+@pytest.mark.parametrize("name", ["small", "efficientnet_lite0", "vgg_a"])
+def test_inference_copy_fuses_activations_into_convolutions(name, monkeypatch):
+    """fuse_for_inference folds each ReLU / ReLU6 that follows a convolution into it (ConvAct: in bfloat16 on the
+    CPU one oneDNN call with the activation as post-op): no activation layer is left after a convolution; each
+    layer checks the fused call against the two layers on its first bfloat16 call and the outputs equal the
+    plain convolution + activation path bit for bit, at even sizes (the grown "SAME" kernel) and odd ones; float32
+    equals the unfused trunk."""
+    import copy
+
+    from core.backbones import ConvAct
+    from core.backbones import fuse as fuse_mod
+
+    if fuse_mod._pointwise_conv_op() is None:
+        pytest.fail("this PyTorch build has no oneDNN convolution with post-ops (torch.ops.mkldnn)")
+    torch.manual_seed(0)
+    trunk = build_trunk(name).eval()
+    fused = backbones.fuse_for_inference(trunk)
+    layers = [m for m in fused.modules() if isinstance(m, ConvAct)]
+    n_acts = sum(isinstance(m, (nn.ReLU, nn.ReLU6)) for m in trunk.modules())
+    assert len(layers) >= {"small": 4, "efficientnet_lite0": 22, "vgg_a": 8}[name]
+    assert sum(isinstance(m, (nn.ReLU, nn.ReLU6)) for m in fused.modules()) == n_acts - len(layers)
+    x32 = torch.randn(1, 3, 65, 99)
+    with torch.no_grad():
+        a, ref = fused(x32.contiguous(memory_format=torch.channels_last)), trunk(x32)
+    assert float((a - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+    assert all(m.fused_ok is None for m in layers)  # float32 never takes the fused call
+    model = copy.deepcopy(fused).to(torch.bfloat16)
+    for shape in ((1, 3, 64, 96), (1, 3, 65, 99), (1, 3, 64, 96)):
+        x = torch.randn(shape).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            a = model(x)
+            with monkeypatch.context() as mp:
+                mp.setattr(fuse_mod, "_pointwise_conv_op", lambda: None)  # conv, then the activation
+                b = model(x)
+        assert a.dtype == torch.bfloat16 and torch.equal(a, b)
+    bf16_layers = [m for m in model.modules() if isinstance(m, ConvAct)]
+    assert all(isinstance(m.fused_ok, bool) for m in bf16_layers)  # each checked on its first call

@@ -51,7 +51,7 @@ from core.errors import CheckpointError, ConfigError
 from .efficientnet import (LITE_VARIANTS, EfficientNetLiteClassifier, EfficientNetLiteTrunk, effnet_weights,
                            efficientnet_lite0_package_file, efficientnet_package_file, efficientnet_package_key,
                            upgrade_state_dict)
-from .fuse import SamePadConv2d, freeze_batchnorm, fuse_for_inference
+from .fuse import ConvAct, SamePadConv2d, freeze_batchnorm, fuse_for_inference
 from .trunks import (IMAGENET_MEAN, IMAGENET_STD, VGG16_CAFFE_MEAN, VGG16_CAFFE_STD, ResNet50C4Trunk, SmallTrunk,
                      Trunk, VGGTrunk, freeze_early_layers, vgg16_fc_head)
 from .weights import imagenet_tv_state_dict, load_into, read_state_dict, torchvision_weight_file
@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "TRUNK_NAMES", "IMAGENET_MEAN", "IMAGENET_STD", "VGG16_CAFFE_MEAN", "VGG16_CAFFE_STD", "Trunk", "build_trunk",
-    "vgg16_fc_head", "freeze_early_layers", "freeze_batchnorm", "fuse_for_inference", "SamePadConv2d",
+    "vgg16_fc_head", "freeze_early_layers", "freeze_batchnorm", "fuse_for_inference", "SamePadConv2d", "ConvAct",
     "imagenet_classifier", "torchvision_weight_file", "efficientnet_lite0_package_file", "efficientnet_package_file",
     "efficientnet_package_key", "EfficientNetLiteClassifier", "upgrade_state_dict",
 ]

@@ -39,7 +39,7 @@ import cv2
 import numpy as np
 import torch
 
-from core.backbones import SamePadConv2d, fuse_for_inference
+from core.backbones import ConvAct, SamePadConv2d, fuse_for_inference
 from core.precision import resolve_dtype
 from core.errors import ConfigError, ImageError
 
@@ -134,7 +134,7 @@ class DeepMaskProposer:
         self.trunk = fuse_for_inference(model.trunk).to(self.device, self.dtype)
         self._mosaic = None  # set while the trunk runs on a mosaic of all scales (scale_batch)
         for m in self.trunk.modules():
-            if isinstance(m, (torch.nn.Conv2d, torch.nn.MaxPool2d, SamePadConv2d)):
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.MaxPool2d, SamePadConv2d, ConvAct)):
                 m.register_forward_hook(self._zero_gaps)
         heads = self.heads
         first = heads.seg_lowrank if heads.seg_lowrank is not None else heads.seg_out
@@ -171,7 +171,7 @@ class DeepMaskProposer:
         zero padding -- the folded trunks of core.backbones. Anything else (an unfolded BatchNorm, ...) falls back
         to one scale at a time."""
         if not hasattr(self, "_mosaic_checked"):
-            ok_leaf = (torch.nn.Conv2d, torch.nn.MaxPool2d, torch.nn.ReLU, torch.nn.ReLU6, torch.nn.Identity,
+            ok_leaf = (torch.nn.Conv2d, ConvAct, torch.nn.MaxPool2d, torch.nn.ReLU, torch.nn.ReLU6, torch.nn.Identity,
                        torch.nn.Dropout)
             bad = [type(m).__name__ for m in self.trunk.modules() if not list(m.children())
                    and not isinstance(m, ok_leaf)]
