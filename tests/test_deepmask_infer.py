@@ -13,7 +13,8 @@ from core.boxes import box_iou, decode_rles, masks_to_boxes
 from core.config import Config, DeepMaskConfig, to_dict
 from core.errors import CheckpointError, ConfigError, ImageError
 from core.io import atomic_torch_save
-from proposals.deepmask.infer import DeepMaskProposer, build_deepmask_proposer, inference_scales, paste_mask
+from proposals.deepmask.infer import (DeepMaskProposer, build_deepmask_proposer, inference_scales, paste_mask,
+                                      paste_masks)
 from proposals.deepmask.model import build_deepmask, upsample_masks
 
 torch.set_num_threads(1)
@@ -196,7 +197,7 @@ def test_paste_window_equals_the_whole_footprint():
     resize of the whole footprint (up to pixels exactly at the threshold)."""
     rng = np.random.default_rng(1)
     h, w = 120, 150
-    smaller = 0
+    smaller, cases = 0, []
     for _ in range(30):
         logits = rng.normal(-3, 1, (8, 8)).astype(np.float32)
         r0, c0 = rng.integers(0, 6, 2)
@@ -218,7 +219,23 @@ def test_paste_window_equals_the_whole_footprint():
             got[b:b + reg.shape[0], a:a + reg.shape[1]] = reg
             smaller += reg.size < (x1 - x0) * (y1 - y0)
         assert (got != full).sum() <= 2
+        cases.append((logits, (ox, oy, lx, lx), full))
     assert smaller >= 10  # the window is the point: most masks are resized on part of their footprint
+    # paste_masks: all candidates of a chunk at once, the same masks -- among them ones outside the image and ones
+    # with no logit above the threshold (None)
+    cases.append((np.full((8, 8), -5.0, np.float32), (10.0, 10.0, 50.0, 50.0), np.zeros((h, w), bool)))
+    cases.append((np.full((8, 8), 5.0, np.float32), (-90.0, 10.0, 50.0, 50.0), np.zeros((h, w), bool)))
+    out = paste_masks(np.stack([c[0] for c in cases]), np.array([c[1] for c in cases]), h, w, 0.0)
+    assert len(out) == len(cases) and out[-1] is None and out[-2] is None
+    for (logits, geo, full), r in zip(cases, out):
+        single = paste_mask(logits, *geo, h, w, 0.0)
+        assert (r is None) == (single is None)
+        got = np.zeros((h, w), bool)
+        if r is not None:
+            reg, a, b = r
+            assert (a, b) == single[1:] and np.array_equal(reg, single[0])
+            got[b:b + reg.shape[0], a:a + reg.shape[1]] = reg
+        assert (got != full).sum() <= 2
 
 
 @pytest.mark.parametrize("batched", [False, True])

@@ -2,7 +2,6 @@
 trunk pass), a patch's mask pasted back into the image, and the RLE of a pasted region without a full-size mask."""
 from __future__ import annotations
 
-import math
 
 import cv2
 import numpy as np
@@ -59,28 +58,39 @@ def paste_mask(logits: np.ndarray, ox: float, oy: float, lx: float, ly: float, h
     Only the window around the logits above the threshold is resized: a bilinear value is a convex combination of
     its 4 nearest logits, so it can exceed the threshold only where one of them does (2 px of margin for cv2's
     fixed-point coordinates). A mask covering a third of its patch is resized on a third of the footprint."""
-    m = logits.shape[0]
-    x0, x1 = max(0, math.ceil(ox - 0.5)), min(width, math.ceil(ox + lx - 0.5))  # pixel centres inside the patch
-    y0, y1 = max(0, math.ceil(oy - 0.5)), min(height, math.ceil(oy + ly - 0.5))
-    if x1 <= x0 or y1 <= y0:
-        return None
+    return paste_masks(logits[None], np.array([[ox, oy, lx, ly]], np.float64), height, width, logit_thr)[0]
+
+
+def paste_masks(logits: np.ndarray, geo: np.ndarray, height: int, width: int, logit_thr: float) -> list:
+    """paste_mask of K candidates: ``logits`` (K, m, m), ``geo`` (K, 4) rows (ox, oy, lx, ly). The windows of all
+    K are found in a few array operations; only the resize and the threshold run per candidate."""
+    k, m = logits.shape[:2]
+    ox, oy, lx, ly = (geo[:, i].astype(np.float64) for i in range(4))
     on = logits > logit_thr
-    cols, rows = np.flatnonzero(on.any(0)), np.flatnonzero(on.any(1))
-    if not len(cols):
-        return None
+    cols, rows = on.any(1), on.any(2)  # (K, m): logit columns / rows with a value above the threshold
+    has = cols.any(1)
+    c_lo, c_hi = cols.argmax(1), m - 1 - cols[:, ::-1].argmax(1)
+    r_lo, r_hi = rows.argmax(1), m - 1 - rows[:, ::-1].argmax(1)
     fx, fy = m / lx, m / ly
-    # pixel X reads logit columns floor(sx), floor(sx) + 1 with sx = fx (X + 0.5 - ox) - 0.5: some column in
-    # [c_lo, c_hi] is read iff c_lo - 1 <= sx < c_hi + 1
-    x0 = max(x0, math.floor((cols[0] - 0.5) / fx + ox - 0.5) - 2)
-    x1 = min(x1, math.ceil((cols[-1] + 1.5) / fx + ox - 0.5) + 2)
-    y0 = max(y0, math.floor((rows[0] - 0.5) / fy + oy - 0.5) - 2)
-    y1 = min(y1, math.ceil((rows[-1] + 1.5) / fy + oy - 0.5) + 2)
-    if x1 <= x0 or y1 <= y0:
-        return None
-    mat = np.array([[fx, 0.0, fx * (x0 + 0.5 - ox) - 0.5], [0.0, fy, fy * (y0 + 0.5 - oy) - 0.5]], np.float64)
-    reg = cv2.warpAffine(np.ascontiguousarray(logits, np.float32), mat, (x1 - x0, y1 - y0),
-                         flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
-    return reg > logit_thr, x0, y0
+    # pixel centres inside the patch, clipped to the image; pixel X reads logit columns floor(sx), floor(sx) + 1
+    # with sx = fx (X + 0.5 - ox) - 0.5: some column in [c_lo, c_hi] is read iff c_lo - 1 <= sx < c_hi + 1
+    x0 = np.maximum(np.maximum(0, np.ceil(ox - 0.5)), np.floor((c_lo - 0.5) / fx + ox - 0.5) - 2)
+    x1 = np.minimum(np.minimum(width, np.ceil(ox + lx - 0.5)), np.ceil((c_hi + 1.5) / fx + ox - 0.5) + 2)
+    y0 = np.maximum(np.maximum(0, np.ceil(oy - 0.5)), np.floor((r_lo - 0.5) / fy + oy - 0.5) - 2)
+    y1 = np.minimum(np.minimum(height, np.ceil(oy + ly - 0.5)), np.ceil((r_hi + 1.5) / fy + oy - 0.5) + 2)
+    ok = has & (x1 > x0) & (y1 > y0)
+    mats = np.zeros((k, 2, 3), np.float64)
+    mats[:, 0, 0], mats[:, 1, 1] = fx, fy
+    mats[:, 0, 2], mats[:, 1, 2] = fx * (x0 + 0.5 - ox) - 0.5, fy * (y0 + 0.5 - oy) - 0.5
+    src = np.ascontiguousarray(logits, np.float32)
+    x0, x1, y0, y1 = (v.astype(np.int64).tolist() for v in (x0, x1, y0, y1))
+    out = [None] * k
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    for i in np.flatnonzero(ok).tolist():
+        reg = cv2.warpAffine(src[i], mats[i], (x1[i] - x0[i], y1[i] - y0[i]), flags=flags,
+                             borderMode=cv2.BORDER_REPLICATE)
+        out[i] = (reg > logit_thr, x0[i], y0[i])
+    return out
 
 
 def region_rle(reg: np.ndarray, x0: int, y0: int, height: int, width: int) -> dict:
@@ -94,7 +104,9 @@ def region_rle(reg: np.ndarray, x0: int, y0: int, height: int, width: int) -> di
     flat = col.ravel()
     j, k = np.divmod(np.flatnonzero(flat[1:] != flat[:-1]), rh + 2)  # changes, column-major; never across columns
     g = (x0 + j) * height + y0 + k
-    if len(g) > 1:  # a run ending at the bottom of a column and one starting at the top of the next: one run
+    if rh == height and len(g) > 1:
+        # a run ending at the bottom of a column and one starting at the top of the next are one run (only a
+        # rectangle of the full height has both ends in the same place)
         same = np.flatnonzero(g[1:] == g[:-1])
         if len(same):
             g = np.delete(g, np.concatenate([same, same + 1]))

@@ -43,14 +43,14 @@ from core.backbones import ConvAct, SamePadConv2d, fuse_for_inference
 from core.precision import resolve_dtype
 from core.errors import ConfigError, ImageError
 
-from .canvas import pack_canvases, paste_mask, region_rle
+from .canvas import pack_canvases, paste_mask, paste_masks, region_rle
 from .model import DeepMask
 from .sampler import pad_rgb_for
 
 log = logging.getLogger(__name__)
 
-__all__ = ["inference_scales", "DeepMaskProposer", "build_deepmask_proposer", "paste_mask", "region_rle",
-           "pack_canvases"]
+__all__ = ["inference_scales", "DeepMaskProposer", "build_deepmask_proposer", "paste_mask", "paste_masks",
+           "region_rle", "pack_canvases"]
 
 # DeepMaskConfig keys that define the trained network (taken from the checkpoint, never from the run's config).
 MODEL_KEYS = ("trunk", "head", "seg_channels", "lowrank_dim", "mask_size", "patch_size", "object_size",
@@ -339,8 +339,7 @@ class DeepMaskProposer:
         geo = np.stack([(self.stride * vs - self.pad) / L.exs[si], (self.stride * us - self.pad) / L.eys[si],
                         p / L.exs[si], p / L.eys[si]], 1)
         new_boxes, new_scores, new_rles = [], [], []
-        for k in range(len(idx)):
-            r = paste_mask(logits[k], *geo[k], h, w, self.logit_thr)
+        for k, r in enumerate(paste_masks(logits, geo, h, w, self.logit_thr)):
             if r is None:
                 continue
             reg, x0, y0 = r
