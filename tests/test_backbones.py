@@ -297,15 +297,17 @@ def test_efficientnet_trunk_matches_classifier(lite0_classifier):
     frozen = freeze_early_layers(trunk)
     assert frozen and all(n.startswith(("conv_stem.", "blocks.0.")) for n in frozen)
     assert trunk.blocks[1][0].conv_dw.weight.requires_grad
-    # the gradient through the kernel-side BN equals the gradient through BN after the convolution
-    x.requires_grad_(True)
-    trunk(x).square().sum().backward()
+    # the gradient through the kernel-side BN equals the gradient through BN after the convolution: in float64,
+    # since in float32 the two roundings flip some ReLU6 gates (pre-activations within rounding of 0 or 6), which
+    # moved the gradient by up to 2.5e-3 for some random inputs (the test was order-dependent)
+    x = x.double().requires_grad_(True)
+    trunk.double()(x).square().sum().backward()
     g = trunk.blocks[2][0].conv_pw.weight.grad.clone()
-    plain = build_trunk("efficientnet_lite0", "imagenet", frozen_bn=False).eval()
+    plain = build_trunk("efficientnet_lite0", "imagenet", frozen_bn=False).eval().double()
     freeze_early_layers(plain)
     plain(x).square().sum().backward()
     g2 = plain.blocks[2][0].conv_pw.weight.grad
-    assert ((g - g2).norm() / g2.norm()).item() < 1e-4
+    assert ((g - g2).norm() / g2.norm()).item() < 1e-9
 
 
 def test_efficientnet_path_in_both_namings(tmp_path, lite0_classifier):
