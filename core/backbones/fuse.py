@@ -1,6 +1,8 @@
 """BatchNorm frozen for fine-tuning, and BatchNorm folded into the convolutions for fast inference copies."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -62,11 +64,18 @@ class SamePadConv2d(nn.Module):
         self.register_buffer("grown", grown)
         self.pad = (self.k - 2) // 2 + 1
 
-    def forward(self, x):
+    def conv_args(self, x):
+        """(input, kernel, padding) of the plain convolution (the inner conv's bias, stride, dilation and groups)
+        that computes ``forward(x)``."""
         ih, iw = x.shape[-2:]
         if self.s == 2 and ih % 2 == 0 and iw % 2 == 0 and self.k >= 2:
-            return F.conv2d(x, self.grown, self.conv.bias, 2, self.pad, 1, self.conv.groups)
-        return self.conv(tf_same_pad(x, self.k, self.s))
+            return x, self.grown, (self.pad, self.pad)
+        return tf_same_pad(x, self.k, self.s), self.conv.weight, self.conv.padding
+
+    def forward(self, x):
+        x, w, pad = self.conv_args(x)
+        c = self.conv
+        return F.conv2d(x, w, c.bias, c.stride, pad, c.dilation, c.groups)
 
 
 def fuse_for_inference(trunk: nn.Module, channels_last: bool = True) -> nn.Module:
@@ -110,6 +119,7 @@ def fuse_for_inference(trunk: nn.Module, channels_last: bool = True) -> nn.Modul
     return out.to(memory_format=torch.channels_last) if channels_last else out
 
 
+@functools.cache
 def _pointwise_conv_op():
     """oneDNN's convolution with a fused elementwise post-op (the op TorchInductor's CPU backend calls), or None
     where this PyTorch build lacks it."""
@@ -133,47 +143,36 @@ class ConvAct(nn.Module):
     the same way with the post-op attached: the first bfloat16 call of each layer computes both and keeps the fused
     call only if they are equal bit for bit (on the Xeon with AMX every layer is). float32 keeps the two layers
     (there oneDNN picks other kernels with the post-op: last-bit differences), as do CUDA and autograd. ``conv``:
-    a Conv2d or a SamePadConv2d."""
+    a Conv2d or a SamePadConv2d, whose weights it uses (its forward, and so its hooks, never run)."""
 
     def __init__(self, conv: nn.Module, act: nn.Module):
         super().__init__()
-        same = isinstance(conv, SamePadConv2d)
-        base = conv.conv if same else conv
-        self.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)
-        self.bias = nn.Parameter(base.bias.detach().clone(), requires_grad=False) if base.bias is not None else None
-        if same:
-            self.register_buffer("grown", conv.grown.detach().clone())
-        else:
-            self.grown = None
-        self.same, self.k = same, base.kernel_size[0]
-        self.stride, self.padding = list(base.stride), list(base.padding)
-        self.dilation, self.groups = list(base.dilation), base.groups
+        self.conv = conv
         self.attr, self.scalars = _ACTS[type(act)]
         self.fused_ok = None  # whether the fused call equals the two layers here (checked on the first call)
 
     def forward(self, x):
-        w, padding, stride = self.weight, self.padding, self.stride
-        if self.same:  # as SamePadConv2d: the grown kernel for even sizes, explicit "SAME" padding for odd ones
-            ih, iw = x.shape[-2:]
-            if stride[0] == 2 and ih % 2 == 0 and iw % 2 == 0 and self.k >= 2:
-                w, padding = self.grown, [(self.k - 2) // 2 + 1] * 2
-            else:
-                x, padding = tf_same_pad(x, self.k, stride[0]), [0, 0]
+        c = self.conv
+        if isinstance(c, SamePadConv2d):
+            x, w, padding = c.conv_args(x)
+            c = c.conv
+        else:
+            w, padding = c.weight, c.padding
+        args = (c.bias, list(padding), list(c.stride), list(c.dilation), c.groups, self.attr, self.scalars, "")
         op = None
         if (x.device.type == "cpu" and x.dtype == torch.bfloat16 == w.dtype and self.fused_ok is not False
                 and not (torch.is_grad_enabled() and x.requires_grad)):
             op = _pointwise_conv_op()
         if op is not None and self.fused_ok:
-            return op(x, w, self.bias, padding, stride, self.dilation, self.groups, self.attr, self.scalars, "")
-        out = F.conv2d(x, w, self.bias, stride, padding, self.dilation, self.groups)
+            return op(x, w, *args)
+        out = F.conv2d(x, w, c.bias, c.stride, padding, c.dilation, c.groups)
         out = F.hardtanh_(out, 0.0, 6.0) if self.attr == "hardtanh" else F.relu_(out)
         if op is not None:  # first bfloat16 call: fuse from now on only if it gives these very values
-            self.fused_ok = bool(torch.equal(op(x, w, self.bias, padding, stride, self.dilation, self.groups,
-                                                self.attr, self.scalars, ""), out))
+            self.fused_ok = bool(torch.equal(op(x, w, *args), out))
         return out
 
     def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape)}, stride={tuple(self.stride)}, groups={self.groups}, post-op {self.attr}"
+        return f"post-op {self.attr}"
 
 
 def _fuse_activations(root: nn.Module) -> None:

@@ -2,7 +2,6 @@
 trunk pass), a patch's mask pasted back into the image, and the RLE of a pasted region without a full-size mask."""
 from __future__ import annotations
 
-
 import cv2
 import numpy as np
 from pycocotools import mask as mask_utils

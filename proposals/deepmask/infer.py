@@ -171,7 +171,7 @@ class DeepMaskProposer:
         zero padding -- the folded trunks of core.backbones. Anything else (an unfolded BatchNorm, ...) falls back
         to one scale at a time."""
         if not hasattr(self, "_mosaic_checked"):
-            ok_leaf = (torch.nn.Conv2d, ConvAct, torch.nn.MaxPool2d, torch.nn.ReLU, torch.nn.ReLU6, torch.nn.Identity,
+            ok_leaf = (torch.nn.Conv2d, torch.nn.MaxPool2d, torch.nn.ReLU, torch.nn.ReLU6, torch.nn.Identity,
                        torch.nn.Dropout)
             bad = [type(m).__name__ for m in self.trunk.modules() if not list(m.children())
                    and not isinstance(m, ok_leaf)]
