@@ -1,7 +1,7 @@
 """The tiny run's outputs are pinned: proposals of every store, the weights and curves of every trained model, and
 the sweep's numbers (plus the detectors tested without a score threshold, since a four-iteration detector scores
 nothing above it). Recorded by ``python tests/tiny_run.py tests/data/tiny_run_pinned.json`` (one pin per set of
-library versions and CPU bfloat16 units); the numbers of a same config move with CPU kernels and library versions,
+library versions and CPU units: AMX, AVX512-BF16, AVX512); the numbers of a same config move with CPU kernels and library versions,
 so where no pin matches the comparison is skipped (record one there, from a commit known to be right)."""
 import json
 

@@ -50,8 +50,9 @@ def make_tiny_data(root) -> Path:
 
 
 def versions() -> dict:
-    """The libraries whose kernels the numbers depend on, and the CPU's bfloat16 matrix units (AMX and AVX512-BF16
-    kernels round differently: the same commit pins other proposals on each), since numbers move across both."""
+    """The libraries whose kernels the numbers depend on, and the CPU's vector and bfloat16 matrix units (AMX,
+    AVX512-BF16 and AVX512 kernels round differently: the same commit pins other proposals on each; a CPU without
+    AVX512, such as an AMD EPYC Zen 3, runs the AVX2 kernels), since numbers move across both."""
     import cv2
     import scipy
     import skimage
@@ -61,7 +62,7 @@ def versions() -> dict:
 
     return {"torch": torch.__version__, "numpy": np.__version__, "cv2": cv2.__version__, "scipy": scipy.__version__,
             "skimage": skimage.__version__, "machine": platform.machine(),
-            "bf16_units": sorted({"amx_bf16", "avx512_bf16"} & cpu_flags())}
+            "cpu_units": sorted({"amx_bf16", "avx512_bf16", "avx512f"} & cpu_flags())}
 
 
 def _sha(h: "hashlib._Hash") -> str:
