@@ -122,9 +122,11 @@ def fuse_for_inference(trunk: nn.Module, channels_last: bool = True) -> nn.Modul
 @functools.cache
 def _pointwise_conv_op():
     """oneDNN's convolution with a fused elementwise post-op (the op TorchInductor's CPU backend calls), or None
-    where this PyTorch build lacks it."""
+    where this PyTorch build lacks it or this CPU has no oneDNN bfloat16 path (the op's bfloat16 call needs
+    AVX512-BW/VL/DQ or AVX-NE-CONVERT and raises elsewhere, e.g. on an AVX2-only AMD EPYC Zen 3, where plain
+    bfloat16 convolutions still run on ATen's slower kernels)."""
     try:
-        if not torch.backends.mkldnn.is_available():
+        if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
             return None
         return torch.ops.mkldnn._convolution_pointwise
     except (AttributeError, RuntimeError):
