@@ -8,6 +8,7 @@ from pathlib import Path
 
 from core.errors import UserError
 from core.images import image_files
+from core.precision import native_bf16
 
 DEEPMASK_TRUNKS = ("small", "efficientnet_lite0", "vgg_a")
 FRCNN_TRUNKS = ("small", "efficientnet_lite0", "vgg16")
@@ -85,7 +86,22 @@ def plan(opts: BenchOptions) -> list[str]:
         if unknown:
             raise UserError(f"--only: no measurement matches {', '.join(unknown)} (known: {', '.join(names)})")
         return chosen
-    return list(QUICK_SET) if opts.quick else names
+    names = list(QUICK_SET) if opts.quick else names
+    return [n for n in names if n not in emulated_skips(opts)]
+
+
+def emulated_skips(opts: BenchOptions) -> list[str]:
+    """The bfloat16 measurements the whole plan leaves out on a CPU without bfloat16 units: emulated there, 12-16x
+    slower than float32 on an AVX2 AMD EPYC (README "Speed"), minutes per measurement for a setting nobody runs
+    with (``auto`` picks float32); ``--only`` still times them."""
+    if opts.only or opts.device != "cpu" or native_bf16("cpu"):
+        return []
+    return [n for n in all_measurements() if is_low_precision(n)]
+
+
+def is_low_precision(name: str) -> bool:
+    """A measurement in bfloat16 (DeepMask inference or training autocast)."""
+    return name.endswith(".bf16") or any(name.endswith(f".{m}") for m in LOW_PRECISION_MODES)
 
 
 def resolve_images(spec: str | None, n: int) -> tuple[list[str], str]:

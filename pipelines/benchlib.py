@@ -54,7 +54,7 @@ from pathlib import Path
 from core.errors import DataError, UserError
 
 from .bench_plan import (DEEPMASK_TRUNKS, DEFAULT_OVERRIDES, LOW_PRECISION_MODES, QUICK_OVERRIDES, QUICK_SET,
-                         BenchOptions, all_measurements, plan, resolve_images, spec_of)
+                         BenchOptions, all_measurements, emulated_skips, plan, resolve_images, spec_of)
 from .bench_measure import random_boxes, synthetic_voc_eval_inputs
 from .bench_process import child_main, run_child
 from .bench_report import compare_close, compare_outputs, compute_ratios, format_table, summarize, throughput
@@ -144,6 +144,9 @@ def run_bench(opts: BenchOptions, progress=None) -> dict:
             raise UserError(f"--device {opts.device}: CUDA is not available on this machine")
     names = plan(opts)
     images, desc = resolve_images(opts.images, opts.num_images)
+    if emulated_skips(opts):
+        log.info("bench: this CPU has no bfloat16 units (AMX, AVX512-BF16): skipping %s (--only times them)",
+                 ", ".join(emulated_skips(opts)))
     tmp = None
     if opts.workdir:
         workdir = Path(opts.workdir)

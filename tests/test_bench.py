@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from core.errors import UserError
-from pipelines import bench_report, benchlib
+from pipelines import bench_plan, bench_report, benchlib
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,7 +68,7 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
     assert r.returncode == 2 and "no_such_measurement" in r.stderr
 
 
-def test_plan_and_image_resolution(tmp_path):
+def test_plan_and_image_resolution(tmp_path, monkeypatch):
     names = benchlib.all_measurements()
     assert "deepmask.efficientnet_lite0.batched" in names and "frcnn_test.vgg16.top2000" in names
     opts = benchlib.BenchOptions(only=["deepmask.efficientnet_lite0.*", "ss"])
@@ -76,6 +76,16 @@ def test_plan_and_image_resolution(tmp_path):
                                    "deepmask.efficientnet_lite0.per_scale_bf16", "ss.skimage", "ss.opencv"]
     with pytest.raises(UserError):
         benchlib.plan(benchlib.BenchOptions(only=["nothing"]))
+    # the whole plan leaves the bfloat16 measurements out where the CPU emulates bfloat16 (--only keeps them)
+    low = {"deepmask.efficientnet_lite0.per_scale_bf16", "train.deepmask.efficientnet_lite0.bf16",
+           "train.frcnn.efficientnet_lite0.bf16"}
+    for native in (True, False):
+        monkeypatch.setattr(bench_plan, "native_bf16", lambda device, native=native: native)
+        full = benchlib.plan(benchlib.BenchOptions())
+        assert low <= set(names) and set(full) == (set(names) if native else set(names) - low)
+        assert "deepmask.efficientnet_lite0.per_scale_bf16" in benchlib.plan(opts)
+    monkeypatch.setattr(bench_plan, "native_bf16", lambda device: False)
+    assert low & set(benchlib.plan(benchlib.BenchOptions(device="cuda"))) == low
     # a VOC layout with a split, and a plain folder
     voc = tmp_path / "VOC2007"
     (voc / "ImageSets" / "Main").mkdir(parents=True)

@@ -2,6 +2,7 @@
 computes (float32 to rounding, a bfloat16 head to ~3 digits), and the models train in the channels-last layout with
 the gradients of the plain layout."""
 import copy
+import logging
 
 import pytest
 import torch
@@ -17,12 +18,17 @@ torch.set_num_threads(1)
 
 @pytest.mark.parametrize("flags, want", [({"avx2", "amx_bf16"}, "bfloat16"), ({"avx512_bf16"}, "bfloat16"),
                                          ({"avx2", "avx512f"}, "float32"), (set(), "float32")])
-def test_auto_is_bfloat16_only_with_native_units(monkeypatch, flags, want):
+def test_auto_is_bfloat16_only_with_native_units(monkeypatch, caplog, flags, want):
     monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset(flags))
     assert precision.resolve_dtype("auto", "cpu", "k") == (precision.DTYPES[want], want)
     # explicit choices are taken as given, whatever the CPU
     assert precision.resolve_dtype("float32", "cpu", "k") == (torch.float32, "float32")
-    assert precision.resolve_dtype("bfloat16", "cpu", "k") == (torch.bfloat16, "bfloat16")
+    precision._warn_emulated.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="core.precision"):
+        assert precision.resolve_dtype("bfloat16", "cpu", "k") == (torch.bfloat16, "bfloat16")
+    # an explicit bfloat16 where it is emulated is honoured, with a warning naming the key
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == (want == "float32") and all(m.startswith("k: bfloat16 on a CPU without") for m in warned)
     assert precision.resolve_dtype("auto", "cuda", "k")[1] == "bfloat16"
 
 
