@@ -227,6 +227,7 @@ def _autocast(spec: dict):
 def _m_train_deepmask(spec: dict) -> dict:
     import torch
 
+    from core.backbones import default_frozen_bn
     from core.config import MaskSource
     from core.training import TrainStep
     from proposals.deepmask.model import build_deepmask
@@ -235,13 +236,15 @@ def _m_train_deepmask(spec: dict) -> dict:
 
     cfg = _cfg_of(spec)
     syn = Path(spec["synthetic"])
+    # random weights, but the trunk's BatchNorm frozen (or not) as the config's training has it
+    frozen = default_frozen_bn(spec["trunk"], cfg.deepmask.pretrained)
     dm = dataclasses.replace(cfg.deepmask, trunk=spec["trunk"], pretrained="", workers=0, train_sets=[MaskSource(
         ann=str(syn / "annotations" / "instances_trainval.json"), images=str(syn / "VOC2007" / "JPEGImages"))],
         val_sets=[])
     cfg = dataclasses.replace(cfg, deepmask=dm)
     device = torch.device(spec["device"])
     torch.manual_seed(0)
-    model = build_deepmask(dm, pretrained=False).to(device).train()
+    model = build_deepmask(dm, pretrained=False, frozen_bn=frozen).to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=dm.lr, momentum=dm.momentum, weight_decay=dm.weight_decay)
     step = TrainStep(model, opt, batch_loss(model, dm, device), autocast=_autocast(spec), device_type=device.type)
     sampler, _ = build_samplers(cfg, pad_rgb_for(dm.pad_color, model.trunk.mean))
@@ -249,7 +252,8 @@ def _m_train_deepmask(spec: dict) -> dict:
     steps, data, seen = _time_steps(spec, sampler.batch, step, clock, lambda b: (len(b["labels"]), b["kind"]))
     sizes, kinds = [n for n, _ in seen], [k for _, k in seen]
     return {"per_item": steps, "items": sizes, "unit": "patches/s", "detail": {
-        "trunk": dm.trunk, "train_dtype": spec.get("train_dtype", "float32"), "batch_size": dm.batch_size, "patch_size": dm.patch_size, "batch_kinds": kinds,
+        "trunk": dm.trunk, "frozen_bn": frozen, "train_dtype": spec.get("train_dtype", "float32"),
+        "batch_size": dm.batch_size, "patch_size": dm.patch_size, "batch_kinds": kinds,
         "step_s_median": float(np.median(steps)), "sampling": throughput(data, sizes, "patches/s")}}
 
 
@@ -261,12 +265,15 @@ def _m_train_frcnn(spec: dict) -> dict:
     from detector.model import build_detector
     from detector.train import TrainEntries, TrainStream, batch_loss, build_optimizer, collate
 
+    from core.backbones import default_frozen_bn
+
     cfg = _cfg_of(spec)
+    frozen = cfg.detector.freeze_bn and default_frozen_bn(spec["trunk"], cfg.detector.pretrained)  # as trained
     dcfg = dataclasses.replace(cfg.detector, trunk=spec["trunk"], pretrained="", workers=0)
     dataset = VOCDataset(str(Path(spec["synthetic"]) / "VOC2007"), "trainval")
     device = torch.device(spec["device"])
     torch.manual_seed(0)
-    model = build_detector(dcfg, len(dataset.classes), pretrained="").to(device).train()
+    model = build_detector(dcfg, len(dataset.classes), pretrained="", frozen_bn=frozen).to(device).train()
     step = TrainStep(model, build_optimizer(model, dcfg), batch_loss(device), autocast=_autocast(spec),
                      device_type=device.type)  # the training's own iteration
     stream = TrainStream(TrainEntries(dataset, dcfg.use_difficult), spec["store"], dcfg.train_top, dcfg,
@@ -277,7 +284,8 @@ def _m_train_frcnn(spec: dict) -> dict:
                                     step, clock, lambda b: (int(b["images"].shape[0]), list(b["images"].shape[2:])))
     sizes, shapes = [n for n, _ in seen], [hw for _, hw in seen]
     return {"per_item": steps, "items": sizes, "unit": "images/s", "detail": {
-        "trunk": dcfg.trunk, "train_dtype": spec.get("train_dtype", "float32"), "ims_per_batch": B, "batch_rois": dcfg.batch_rois, "fc_dim": dcfg.fc_dim,
+        "trunk": dcfg.trunk, "frozen_bn": bool(frozen), "train_dtype": spec.get("train_dtype", "float32"),
+        "ims_per_batch": B, "batch_rois": dcfg.batch_rois, "fc_dim": dcfg.fc_dim,
         "input_hw": shapes[:2], "step_s_median": float(np.median(steps)),
         "data": throughput(data, sizes, "images/s")}}
 

@@ -40,6 +40,11 @@ def test_quick_run_writes_expected_keys_and_positive_medians(quick):
         assert r["unit"] in ("s/image", "s", "patches/s", "images/s"), name
     assert doc["results"]["deepmask.small.batched"]["detail"]["scale_batch"] is True
     assert doc["results"]["frcnn_test.small.top2000"]["detail"]["proposals"] == 2000
+    # the training measurements time the trunk as the config trains it: 'small' trains from scratch, BN not frozen
+    assert [doc["results"][f"train.{s}.small"]["detail"]["frozen_bn"] for s in ("deepmask", "frcnn")] == [False] * 2
+    from core.backbones import default_frozen_bn  # what an ImageNet-initialised Lite0 (the real config) trains with
+    assert [default_frozen_bn(t, w) for t, w in (("efficientnet_lite0", "imagenet"), ("efficientnet_lite0", ""),
+                                                 ("small", "w.pt"), ("vgg16", "imagenet"))] == [True, False, False, False]
     ratio = doc["ratios"]["deepmask.small.batched / deepmask.small.per_scale"]
     assert ratio["median_ratio"] > 0 and ratio["paired"] > 0
     assert "ss.opencv / ss.skimage" in doc["ratios"]

@@ -60,12 +60,19 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "TRUNK_NAMES", "IMAGENET_MEAN", "IMAGENET_STD", "VGG16_CAFFE_MEAN", "VGG16_CAFFE_STD", "Trunk", "build_trunk",
-    "vgg16_fc_head", "freeze_early_layers", "freeze_batchnorm", "fuse_for_inference", "SamePadConv2d", "ConvAct",
+    "default_frozen_bn", "vgg16_fc_head", "freeze_early_layers", "freeze_batchnorm", "fuse_for_inference",
+    "SamePadConv2d", "ConvAct",
     "imagenet_classifier", "torchvision_weight_file", "efficientnet_lite0_package_file", "efficientnet_package_file",
     "efficientnet_package_key", "EfficientNetLiteClassifier", "upgrade_state_dict",
 ]
 
 TRUNK_NAMES = ("small", "vgg_a", "vgg16", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet50")
+
+
+def default_frozen_bn(name: str, pretrained: str) -> bool:
+    """Whether :func:`build_trunk` freezes the BatchNorm of trunk ``name`` by default: with loaded weights, for
+    resnet50 and the EfficientNet-Lite trunks."""
+    return bool(pretrained) and (name == "resnet50" or name in LITE_VARIANTS)
 
 
 def build_trunk(name: str, pretrained: str = "", *, allow_download: bool = False,
@@ -81,7 +88,7 @@ def build_trunk(name: str, pretrained: str = "", *, allow_download: bool = False
         raise ConfigError(f"unknown trunk '{name}' (choose from {', '.join(TRUNK_NAMES)})")
     pretrained = pretrained or ""
     if frozen_bn is None:
-        frozen_bn = bool(pretrained) and (name == "resnet50" or name in LITE_VARIANTS)
+        frozen_bn = default_frozen_bn(name, pretrained)
     if name == "small":
         trunk: Trunk = SmallTrunk()
         if pretrained == "imagenet":

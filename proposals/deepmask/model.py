@@ -178,12 +178,12 @@ class DeepMask(nn.Module):
         return self.seg_out(h).view(-1, self.mask_size, self.mask_size)
 
 
-def build_deepmask(dm, *, pretrained: bool = True) -> DeepMask:
+def build_deepmask(dm, *, pretrained: bool = True, frozen_bn: bool | None = None) -> DeepMask:
     """DeepMask from a ``core.config.DeepMaskConfig``; ``pretrained=False`` skips loading trunk weights (tests,
-    and models about to receive a checkpoint)."""
+    and models about to receive a checkpoint); ``frozen_bn``: as ``core.backbones.build_trunk``."""
     from core.backbones import build_trunk
 
-    trunk = build_trunk(dm.trunk, dm.pretrained if pretrained else "")
+    trunk = build_trunk(dm.trunk, dm.pretrained if pretrained else "", frozen_bn=frozen_bn)
     model = DeepMask(trunk, head=dm.head, seg_channels=dm.seg_channels, lowrank_dim=dm.lowrank_dim,
                      mask_size=dm.mask_size, patch_size=dm.patch_size,
                      score_hidden=tuple(getattr(dm, "score_hidden", (512, 1024))),
