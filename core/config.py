@@ -233,6 +233,10 @@ class DetectorConfig:
     fc_dim: int = opt(4096, DET_TRAIN, range="[1, 16384]")
     dropout: float = opt(0.5, DET_TRAIN, range="[0, 1)")
     roi_size: int = opt(7, DET_TRAIN, range="[1, 64]")  # RoI max pooling output (7x7 at spatial scale 1/16)
+    # not in the paper: > 0 puts a 1x1 convolution + ReLU to this many channels between the trunk and the RoI
+    # pooling, so pooling and fc6 see a thinner map (a cheaper head at 2000 RoIs, after Light-Head R-CNN's thin
+    # feature map, Li et al. 2017); 0 (default): the trunk's map, as the paper
+    roi_channels: int = opt(0, DET_TRAIN, range="[0, 4096]", key_if_set=True)
     freeze_early: bool = opt(True, DET_TRAIN)  # conv1_1..conv2_2 frozen for VGG16 (core.backbones)
     # keep BatchNorm of a *pretrained* trunk frozen (2 images/batch); ignored for random init
     freeze_bn: bool = opt(True, DET_TRAIN)

@@ -7,6 +7,8 @@ detector.roi_pool, same numbers) -> fc6 -> ReLU -> dropout
 * 'vgg16': conv1_1 .. conv5_3 (512 channels), fc6 25088->4096 and fc7 4096->4096 initialised from the ImageNet
   classifier when pretrained (core.backbones.vgg16_fc_head), dropout 0.5 (paper Sec. 2.2, 4.1).
 * light trunks ('small', 'vgg_a', 'efficientnet_lite0'): fc6/fc7 of width ``fc_dim``, N(0, 0.01) init.
+* ``roi_channels`` > 0 (not in the paper): trunk -> 1x1 conv to that many channels -> ReLU -> RoI pooling, so
+  pooling and fc6 see a thinner map (Light-Head R-CNN's thin feature map, Li et al. 2017); PyTorch's default init.
 * cls_score ~ N(0, 0.01), bbox_pred ~ N(0, 0.001), zero biases (paper Sec. 2.2; fast-rcnn prototxt fillers).
 * optional truncated SVD of fc6/fc7 for test (paper Sec. 3.1; fast-rcnn ``tools/compress_net.py``): W (out x in)
   ~= U_t (S_t V_t^T), i.e. a Linear(in, t, no bias) followed by a Linear(t, out) carrying the original bias.
@@ -30,9 +32,12 @@ log = logging.getLogger(__name__)
 
 class FastRCNN(nn.Module):
     def __init__(self, trunk: nn.Module, num_classes: int, fc6: nn.Module, fc7: nn.Module, fc_dim: int,
-                 dropout: float = 0.5, roi_size: int = 7, box_coder: BoxCoder | None = None):
+                 dropout: float = 0.5, roi_size: int = 7, box_coder: BoxCoder | None = None, roi_channels: int = 0):
         super().__init__()
         self.trunk = trunk
+        # the map RoI pooling reads: the trunk's, or (roi_channels > 0) a 1x1 convolution + ReLU of it
+        self.reduce = nn.Sequential(nn.Conv2d(trunk.out_channels, roi_channels, 1), nn.ReLU(inplace=True)) \
+            if roi_channels else nn.Identity()
         self.box_coder = box_coder or BoxCoder()  # the regression targets' normalisation it is trained with
         self.num_classes = int(num_classes)  # object classes, background excluded
         self.roi_size = int(roi_size)
@@ -58,8 +63,8 @@ class FastRCNN(nn.Module):
         return self.trunk.std
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """(B,3,H,W) normalised images -> (B,C,~H/16,~W/16) feature maps."""
-        return self.trunk(images)
+        """(B,3,H,W) normalised images -> (B,C,~H/16,~W/16) feature maps (C: roi_channels where set)."""
+        return self.reduce(self.trunk(images))
 
     def head(self, feats: torch.Tensor, rois: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """RoI head. ``rois`` (R,5): batch index, x1, y1, x2, y2 in (rescaled) input pixels, 0-based edges.
@@ -147,7 +152,7 @@ def build_detector(dcfg, num_classes: int, pretrained: str | None = None, frozen
     if frozen_bn is None and not dcfg.freeze_bn:
         frozen_bn = False
     trunk = build_trunk(dcfg.trunk, pretrained, frozen_bn=frozen_bn)
-    in_dim = trunk.out_channels * dcfg.roi_size * dcfg.roi_size
+    in_dim = (dcfg.roi_channels or trunk.out_channels) * dcfg.roi_size * dcfg.roi_size
     if dcfg.trunk == "vgg16" and dcfg.fc_dim == 4096 and dcfg.roi_size == 7:
         # fc6/fc7 of VGG16, from its ImageNet classifier when pretrained (paper Sec. 2.2)
         fc6, fc7 = vgg16_fc_head(pretrained)
@@ -161,7 +166,7 @@ def build_detector(dcfg, num_classes: int, pretrained: str | None = None, frozen
             nn.init.normal_(fc.weight, 0.0, 0.01)
             nn.init.zeros_(fc.bias)
     model = FastRCNN(trunk, num_classes, fc6, fc7, dcfg.fc_dim, dropout=dcfg.dropout, roi_size=dcfg.roi_size,
-                     box_coder=BoxCoder.from_config(dcfg))
+                     box_coder=BoxCoder.from_config(dcfg), roi_channels=dcfg.roi_channels)
     if dcfg.freeze_early:
         frozen = freeze_early_layers(trunk, dcfg.trunk)
         if frozen:

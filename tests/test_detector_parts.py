@@ -209,6 +209,33 @@ def test_small_head_and_zero_rois():
     assert m.fc6.in_features == 128 * 49
 
 
+def test_roi_channels_thin_the_map_the_head_pools():
+    """detector.roi_channels: a 1x1 convolution + ReLU between trunk and RoI pooling, fc6 sized to it; at the default
+    0 the model (and so every checkpoint's weights) is the paper's, with no extra parameters."""
+    from core.config import to_dict
+    from detector.model import load_detector
+
+    plain = _small()
+    assert not any(k.startswith("reduce.") for k in plain.state_dict())
+    torch.manual_seed(0)
+    m = _small(["detector.roi_channels=16"]).eval()
+    assert m.fc6.in_features == 16 * 49 and m.reduce[0].weight.shape == (16, 128, 1, 1)
+    x, rois = torch.rand(2, 3, 64, 64), torch.tensor([[0.0, 0, 0, 40, 40], [1.0, 8, 8, 60, 30]])
+    with torch.inference_mode():
+        feats = m.features(x)
+        assert feats.shape[1] == 16 and float(feats.min()) >= 0  # after the ReLU
+        assert torch.equal(feats, torch.relu(m.reduce[0](m.trunk(x))))
+        cls, box = m(x, rois)
+        fast = m.for_inference()(x, rois)[0]  # folded trunk, CPU RoI pooling: the same detector
+    assert cls.shape == (2, 4) and box.shape == (2, 16)
+    assert torch.allclose(fast, cls, atol=1e-5)
+    cfg = load_config(None, ["detector.trunk=small", "detector.pretrained=", "detector.fc_dim=64",
+                             "detector.roi_channels=16"])
+    m2, _ = load_detector({"model": m.state_dict(), "config": to_dict(cfg), "classes": ["a", "b", "c"]})
+    with torch.inference_mode():
+        assert torch.equal(m2(x, rois)[0], cls)
+
+
 def test_truncated_svd_approximates_layer():
     torch.manual_seed(0)
     # a layer with a decaying spectrum (as trained fc layers): rank-t SVD is close
