@@ -3,7 +3,7 @@
 bfloat16 matrix products are several times faster than float32 on CPUs with AMX (Intel Sapphire Rapids and later)
 or AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake) and on CUDA GPUs; on other CPUs bfloat16 is emulated and
 slower than float32, so 'auto' keeps float32 there (an AVX2-only AMD EPYC Zen 3, 2 cores: DeepMask inference 16x
-and training steps 12-13x slower in bfloat16, README "Speed"); asking for bfloat16 there explicitly logs a warning.
+and training steps 12-18x slower in bfloat16, README "Speed"); asking for bfloat16 there explicitly logs a warning.
 """
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from torchvision.ops import RoIPool
 
-from core.backbones import build_trunk, freeze_early_layers, upgrade_state_dict, vgg16_fc_head
+from core.backbones import build_trunk, default_frozen_bn, freeze_early_layers, upgrade_state_dict, vgg16_fc_head
 from core.errors import CheckpointError
 
 from .roi_pool import roi_max_pool
@@ -143,14 +143,20 @@ def truncated_svd_linear(layer: nn.Module, rank: int) -> nn.Module:
     return nn.Sequential(first, second).to(layer.weight.device)
 
 
+def default_detector_frozen_bn(dcfg, pretrained: str) -> bool:
+    """Whether the detector's trunk trains with frozen BatchNorm when built with weights ``pretrained``:
+    core.backbones' default, unless ``dcfg.freeze_bn`` is false."""
+    return bool(dcfg.freeze_bn) and default_frozen_bn(dcfg.trunk, pretrained)
+
+
 def build_detector(dcfg, num_classes: int, pretrained: str | None = None, frozen_bn: bool | None = None) -> FastRCNN:
     """Build Fast R-CNN from a DetectorConfig. ``pretrained`` overrides ``dcfg.pretrained`` (pass '' when the
     weights come from a checkpoint, so no ImageNet file is needed). ``frozen_bn``: BatchNorm of the trunk replaced by
     frozen affine layers (default: core.backbones' choice -- pretrained efficientnet_lite0 / resnet50 -- unless
     ``dcfg.freeze_bn`` is false); 2 images per minibatch are too few for batch statistics."""
     pretrained = dcfg.pretrained if pretrained is None else pretrained
-    if frozen_bn is None and not dcfg.freeze_bn:
-        frozen_bn = False
+    if frozen_bn is None:
+        frozen_bn = default_detector_frozen_bn(dcfg, pretrained)
     trunk = build_trunk(dcfg.trunk, pretrained, frozen_bn=frozen_bn)
     in_dim = (dcfg.roi_channels or trunk.out_channels) * dcfg.roi_size * dcfg.roi_size
     if dcfg.trunk == "vgg16" and dcfg.fc_dim == 4096 and dcfg.roi_size == 7:

@@ -262,13 +262,12 @@ def _m_train_frcnn(spec: dict) -> dict:
 
     from core.datasets import VOCDataset
     from core.training import TrainStep
-    from detector.model import build_detector
+    from detector.model import build_detector, default_detector_frozen_bn
     from detector.train import TrainEntries, TrainStream, batch_loss, build_optimizer, collate
 
-    from core.backbones import default_frozen_bn
-
     cfg = _cfg_of(spec)
-    frozen = cfg.detector.freeze_bn and default_frozen_bn(spec["trunk"], cfg.detector.pretrained)  # as trained
+    # random weights, but the trunk's BatchNorm frozen (or not) as the config's training has it
+    frozen = default_detector_frozen_bn(dataclasses.replace(cfg.detector, trunk=spec["trunk"]), cfg.detector.pretrained)
     dcfg = dataclasses.replace(cfg.detector, trunk=spec["trunk"], pretrained="", workers=0)
     dataset = VOCDataset(str(Path(spec["synthetic"]) / "VOC2007"), "trainval")
     device = torch.device(spec["device"])
@@ -284,7 +283,7 @@ def _m_train_frcnn(spec: dict) -> dict:
                                     step, clock, lambda b: (int(b["images"].shape[0]), list(b["images"].shape[2:])))
     sizes, shapes = [n for n, _ in seen], [hw for _, hw in seen]
     return {"per_item": steps, "items": sizes, "unit": "images/s", "detail": {
-        "trunk": dcfg.trunk, "frozen_bn": bool(frozen), "train_dtype": spec.get("train_dtype", "float32"),
+        "trunk": dcfg.trunk, "frozen_bn": frozen, "train_dtype": spec.get("train_dtype", "float32"),
         "ims_per_batch": B, "batch_rois": dcfg.batch_rois, "fc_dim": dcfg.fc_dim,
         "input_hw": shapes[:2], "step_s_median": float(np.median(steps)),
         "data": throughput(data, sizes, "images/s")}}

@@ -87,11 +87,12 @@ def plan(opts: BenchOptions) -> list[str]:
             raise UserError(f"--only: no measurement matches {', '.join(unknown)} (known: {', '.join(names)})")
         return chosen
     names = list(QUICK_SET) if opts.quick else names
-    return [n for n in names if n not in emulated_skips(opts)]
+    skips = set(emulated_skips(opts))
+    return [n for n in names if n not in skips]
 
 
 def emulated_skips(opts: BenchOptions) -> list[str]:
-    """The bfloat16 measurements the whole plan leaves out on a CPU without bfloat16 units: emulated there, 12-16x
+    """The bfloat16 measurements the whole plan leaves out on a CPU without bfloat16 units: emulated there, 12-18x
     slower than float32 on an AVX2 AMD EPYC (README "Speed"), minutes per measurement for a setting nobody runs
     with (``auto`` picks float32); ``--only`` still times them."""
     if opts.only or opts.device != "cpu" or native_bf16("cpu"):

@@ -144,9 +144,10 @@ def run_bench(opts: BenchOptions, progress=None) -> dict:
             raise UserError(f"--device {opts.device}: CUDA is not available on this machine")
     names = plan(opts)
     images, desc = resolve_images(opts.images, opts.num_images)
-    if emulated_skips(opts):
+    skipped = emulated_skips(opts)
+    if skipped:
         log.info("bench: this CPU has no bfloat16 units (AMX, AVX512-BF16): skipping %s (--only times them)",
-                 ", ".join(emulated_skips(opts)))
+                 ", ".join(skipped))
     tmp = None
     if opts.workdir:
         workdir = Path(opts.workdir)
