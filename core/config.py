@@ -280,7 +280,8 @@ class DetectorConfig:
     score_thresh: float = opt(0.05, DET_TEST, range="[0, 1]")
     max_dets: int = opt(100, DET_TEST, range="[0, big]")  # per image, all classes
     # number format of the RoI head (fc6, fc7, classifier, regressor) at test, as deepmask.infer_dtype: auto is
-    # bfloat16 where the hardware has it (core.precision); the trunk stays float32
+    # bfloat16 where the hardware has it (core.precision); the trunk stays float32. 'int8' (CPU, not in the paper):
+    # fc6 / fc7 as int8 products (detector.int8), for CPUs without bfloat16 units
     test_dtype: str = opt("auto", DET_TEST)
     svd: bool = opt(False, DET_TEST)  # truncated SVD of fc6/fc7 at test (paper Sec. 3.1)
     svd_fc6_rank: int = opt(1024, DET_TEST, range="[1, big]")
@@ -426,10 +427,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'deepmask.positive_sampling': expected official, category or object, got "
                           f"{dm.positive_sampling!r}")
     from .precision import CHOICES
-    for key, v in (("deepmask.infer_dtype", dm.infer_dtype), ("deepmask.train_dtype", dm.train_dtype),
-                   ("detector.test_dtype", d.test_dtype), ("detector.train_dtype", d.train_dtype)):
-        if v not in CHOICES:
-            raise ConfigError(f"config key '{key}': expected one of {', '.join(CHOICES)}, got {v!r}")
+    for key, v, choices in (("deepmask.infer_dtype", dm.infer_dtype, CHOICES),
+                            ("deepmask.train_dtype", dm.train_dtype, CHOICES),
+                            ("detector.test_dtype", d.test_dtype, (*CHOICES, "int8")),
+                            ("detector.train_dtype", d.train_dtype, CHOICES)):
+        if v not in choices:
+            raise ConfigError(f"config key '{key}': expected one of {', '.join(choices)}, got {v!r}")
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -41,10 +41,15 @@ def native_bf16(device) -> bool:
     return device.type == "cpu" and bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
 
 
-def resolve_dtype(name: str, device, key: str) -> tuple[torch.dtype, str]:
-    """(dtype, its name) for a config value of :data:`CHOICES`; ``key`` names the config key in errors."""
-    if name not in CHOICES:
-        raise ConfigError(f"config key '{key}': expected one of {', '.join(CHOICES)}, got {name!r}")
+def resolve_dtype(name: str, device, key: str, int8: bool = False) -> tuple[torch.dtype, str]:
+    """(dtype, its name) for a config value of :data:`CHOICES` (with ``int8``: also 'int8', the Fast R-CNN head's
+    int8 products on a CPU, detector.int8); ``key`` names the config key in errors."""
+    choices = (*CHOICES, "int8") if int8 else CHOICES
+    if name not in choices:
+        raise ConfigError(f"config key '{key}': expected one of {', '.join(choices)}, got {name!r}")
+    if name == "int8":
+        _check_int8(device, key)
+        return torch.int8, name
     if name == "auto":
         name = "bfloat16" if native_bf16(device) else "float32"
     elif name == "bfloat16" and torch.device(device).type == "cpu" and not native_bf16(device):
@@ -56,3 +61,12 @@ def resolve_dtype(name: str, device, key: str) -> tuple[torch.dtype, str]:
 def _warn_emulated(key: str) -> None:
     log.warning("%s: bfloat16 on a CPU without AMX or AVX512-BF16 is emulated, many times slower than float32 "
                 "(16x for DeepMask inference on an AVX2 AMD EPYC); 'auto' picks float32 here", key)
+
+
+def _check_int8(device, key: str) -> None:
+    """A one-line error naming the key where int8 cannot run: not a CPU, or a PyTorch without oneDNN's int8 linear."""
+    if torch.device(device).type != "cpu":
+        raise ConfigError(f"config key '{key}': int8 runs on a CPU only (device {device}); use auto or bfloat16")
+    if not (hasattr(torch.ops.onednn, "qlinear_pointwise") and hasattr(torch.ops.onednn, "qlinear_prepack")):
+        raise ConfigError(f"config key '{key}': int8 needs oneDNN's int8 linear (torch.ops.onednn.qlinear_pointwise), "
+                          f"which PyTorch {torch.__version__} lacks; use auto or float32")

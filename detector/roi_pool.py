@@ -48,15 +48,15 @@ def _sparse_table(feats: torch.Tensor, levels_y: int, levels_x: int, dtype: torc
 
 
 def roi_max_pool(feats: torch.Tensor, rois: torch.Tensor, output_size: int, spatial_scale: float,
-                 dtype: torch.dtype | None = None) -> torch.Tensor:
+                 dtype: torch.dtype | None = None, fill: int | float = 0) -> torch.Tensor:
     """feats (B,C,H,W), rois (R,5) of (batch index, x1, y1, x2, y2) -> (R, C, output_size, output_size) in
     ``dtype`` (default feats.dtype), equal to ``torchvision.ops.roi_pool(feats, rois, output_size,
-    spatial_scale).to(dtype)``."""
+    spatial_scale).to(dtype)``. ``fill``: the value of an empty bin (roi_pool's 0; a uint8 map's zero point)."""
     B, C, H, W = feats.shape
     dtype = dtype or feats.dtype
     R, n = rois.shape[0], int(output_size)
     if R == 0:
-        return feats.new_zeros((0, C, n, n), dtype=dtype)
+        return feats.new_full((0, C, n, n), fill, dtype=dtype)
     r = rois.detach().float().cpu()
     corners = _round_half_away(r[:, 1:5] * torch.tensor(spatial_scale, dtype=torch.float32))
     ys, ye = _bin_edges(corners[:, 1], corners[:, 3], n, H)
@@ -68,7 +68,7 @@ def roi_max_pool(feats: torch.Tensor, rois: torch.Tensor, output_size: int, spat
     kx = log2[(xe - xs).clamp(min=1)]
     levels_y, levels_x = int(log2[H]) + 1, int(log2[W]) + 1
     tab = _sparse_table(feats, levels_y, levels_x, dtype).view(-1, C)
-    tab = torch.cat([tab, tab.new_zeros((1, C))])  # a last row of zeros: where empty bins read
+    tab = torch.cat([tab, tab.new_full((1, C), fill)])  # a last row of `fill`: where empty bins read
     b = r[:, 0].long()
     # rows of the four windows of each bin: top / bottom row start x left / right column start; empty bins read
     # the zero row instead (their clamped starts are never used)

@@ -167,7 +167,7 @@ def _test_model(model_or_ckpt, cfg, dataset, device):
         model = copy.deepcopy(model)
         model.apply_svd(dcfg.svd_fc6_rank, dcfg.svd_fc7_rank)
         log.info("fc6/fc7 replaced by truncated SVD (ranks %d / %d)", dcfg.svd_fc6_rank, dcfg.svd_fc7_rank)
-    dtype, name = resolve_dtype(dcfg.test_dtype, next(model.parameters()).device, "detector.test_dtype")
+    dtype, name = resolve_dtype(dcfg.test_dtype, next(model.parameters()).device, "detector.test_dtype", int8=True)
     log.info("testing with a folded trunk and the RoI head in %s%s", name,
              " (test_dtype auto)" if dcfg.test_dtype == "auto" else "")
     return model.for_inference(dtype), cfg

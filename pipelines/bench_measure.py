@@ -164,8 +164,10 @@ def _m_frcnn_test(spec: dict) -> dict:
     weights = _offline_weights(spec["trunk"])
     dcfg = dataclasses.replace(cfg.detector, trunk=spec["trunk"], pretrained=weights)
     torch.manual_seed(0)
-    # what the test stage runs: the folded trunk, the head in detector.test_dtype (auto: bfloat16 where native)
-    dtype, dtype_name = resolve_dtype(dcfg.test_dtype, torch.device(spec["device"]), "detector.test_dtype")
+    # what the test stage runs: the folded trunk, the head in detector.test_dtype (auto: bfloat16 where native;
+    # a '.int8' measurement: int8)
+    dtype, dtype_name = resolve_dtype(spec.get("test_dtype") or dcfg.test_dtype, torch.device(spec["device"]),
+                                      "detector.test_dtype", int8=True)
     if spec.get("checkpoint"):
         # a trained detector (--weights): its network from the checkpoint, the test settings from the config, as
         # detector.test runs it (a random head scores every RoI near 1/21, around score_thresh, so the per-class NMS

@@ -14,6 +14,8 @@ DEEPMASK_TRUNKS = ("small", "efficientnet_lite0", "vgg_a")
 FRCNN_TRUNKS = ("small", "efficientnet_lite0", "vgg16")
 HEAVY_TRUNKS = ("vgg_a", "vgg16")  # timed on the first ``heavy_images`` images only
 FRCNN_TOPS = (100, 2000)
+# Fast R-CNN test with detector.test_dtype=int8 (fc6 / fc7 as oneDNN int8 products; CPU only): '<name>.int8'
+INT8_FRCNN_TRUNKS = ("small", "efficientnet_lite0")
 # DeepMask with deepmask.infer_dtype=bfloat16 (trunk and heads; AMX / AVX512-BF16 CPUs, GPUs), one scale at a time
 LOW_PRECISION_MODES = ("per_scale_bf16",)
 
@@ -26,8 +28,8 @@ QUICK_OVERRIDES = ["deepmask.top_n=50", "deepmask.seg_channels=16", "deepmask.lo
                    "deepmask.object_range=[181,256]", "detector.scales=[128]",
                    "detector.test_scale=128", "detector.max_size=192", "detector.fc_dim=128", "detector.batch_rois=16"]
 QUICK_SET = ("deepmask.small.per_scale", "deepmask.small.batched", "ss.skimage", "ss.opencv",
-             "frcnn_test.small.top100", "frcnn_test.small.top2000", "train.deepmask.small", "train.frcnn.small",
-             "voc07_eval")
+             "frcnn_test.small.top100", "frcnn_test.small.top2000", "frcnn_test.small.top100.int8",
+             "frcnn_test.small.top2000.int8", "train.deepmask.small", "train.frcnn.small", "voc07_eval")
 
 
 @dataclass
@@ -63,6 +65,7 @@ def all_measurements() -> list[str]:
     names += [f"deepmask.efficientnet_lite0.{m}" for m in LOW_PRECISION_MODES]
     names += ["ss.skimage", "ss.opencv"]
     names += [f"frcnn_test.{t}.top{n}" for t in FRCNN_TRUNKS for n in FRCNN_TOPS]
+    names += [f"frcnn_test.{t}.top{n}.int8" for t in INT8_FRCNN_TRUNKS for n in FRCNN_TOPS]
     names += [f"train.deepmask.{t}" for t in ("small", "efficientnet_lite0")]
     names += [f"train.frcnn.{t}" for t in FRCNN_TRUNKS]
     names += ["train.deepmask.efficientnet_lite0.bf16", "train.frcnn.efficientnet_lite0.bf16"]  # bfloat16 autocast
@@ -88,6 +91,8 @@ def plan(opts: BenchOptions) -> list[str]:
         return chosen
     names = list(QUICK_SET) if opts.quick else names
     skips = set(emulated_skips(opts))
+    if opts.device != "cpu":  # int8 runs on a CPU only
+        skips |= {n for n in names if n.endswith(".int8")}
     return [n for n in names if n not in skips]
 
 
@@ -162,6 +167,7 @@ def spec_of(name: str, opts: BenchOptions, images: list[str], heavy: list[str], 
     if parts[0] == "frcnn_test":
         trunk = parts[1]
         return {**base, "kind": "frcnn_test", "trunk": trunk, "top": int(parts[2][3:]),
+                "test_dtype": "int8" if parts[3:] == ["int8"] else None,  # None: the config's detector.test_dtype
                 "images": heavy if trunk in HEAVY_TRUNKS else images,
                 "checkpoint": _checkpoint(opts, "detector", trunk)}
     if parts[0] == "train":

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench_plan import DEEPMASK_TRUNKS, FRCNN_TRUNKS, LOW_PRECISION_MODES
+from .bench_plan import DEEPMASK_TRUNKS, FRCNN_TRUNKS, INT8_FRCNN_TRUNKS, LOW_PRECISION_MODES
 
 def _pct(values, q: float) -> float:
     return float(np.percentile(np.asarray(values, np.float64), q))
@@ -84,6 +84,9 @@ def compute_ratios(results: dict) -> dict:
     pairs.append(("ss.opencv", "ss.skimage"))
     for t in FRCNN_TRUNKS:
         pairs.append((f"frcnn_test.{t}.top2000", f"frcnn_test.{t}.top100"))
+    for t in INT8_FRCNN_TRUNKS:
+        q = f"frcnn_test.{t}.top%d.int8"
+        pairs += [(q % 2000, q % 100), (q % 2000, f"frcnn_test.{t}.top2000"), (q % 100, f"frcnn_test.{t}.top100")]
     pairs += [(f"train.{s}.efficientnet_lite0.bf16", f"train.{s}.efficientnet_lite0") for s in ("deepmask", "frcnn")]
     out = {}
     for a, b in pairs:

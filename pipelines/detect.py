@@ -172,7 +172,7 @@ def main(argv=None) -> int:
 
     dcfg = dataclasses.replace(cfg.detector, score_thresh=args.score_thresh)
     model, classes = det_ckpt.build(cfg.device), det_ckpt.classes
-    model = model.for_inference(resolve_dtype(dcfg.test_dtype, cfg.device, "detector.test_dtype")[0])
+    model = model.for_inference(resolve_dtype(dcfg.test_dtype, cfg.device, "detector.test_dtype", int8=True)[0])
     proposer = build_proposer(method, cfg, prop_ckpt)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,11 @@ def test_quick_run_writes_expected_keys_and_positive_medians(quick):
         assert r["unit"] in ("s/image", "s", "patches/s", "images/s"), name
     assert doc["results"]["deepmask.small.batched"]["detail"]["scale_batch"] is True
     assert doc["results"]["frcnn_test.small.top2000"]["detail"]["proposals"] == 2000
+    # the int8 head (detector.test_dtype=int8) beside the config's, with their ratios
+    assert [doc["results"][f"frcnn_test.small.top{n}{q}"]["detail"]["head_dtype"] for n in (100, 2000)
+            for q in ("", ".int8")] == ["float32" if not bench_plan.native_bf16("cpu") else "bfloat16", "int8"] * 2
+    for r in ("top2000.int8 / frcnn_test.small.top100.int8", "top2000.int8 / frcnn_test.small.top2000"):
+        assert doc["ratios"][f"frcnn_test.small.{r}"]["paired"] > 0
     # the training measurements time the trunk as the config trains it: 'small' trains from scratch, BN not frozen
     assert [doc["results"][f"train.{s}.small"]["detail"]["frozen_bn"] for s in ("deepmask", "frcnn")] == [False] * 2
     from core.backbones import default_frozen_bn  # what an ImageNet-initialised Lite0 (the real config) trains with
@@ -91,6 +96,10 @@ def test_plan_and_image_resolution(tmp_path, monkeypatch):
         assert "deepmask.efficientnet_lite0.per_scale_bf16" in benchlib.plan(opts)
     monkeypatch.setattr(bench_plan, "native_bf16", lambda device: False)
     assert low & set(benchlib.plan(benchlib.BenchOptions(device="cuda"))) == low
+    # int8 (a CPU-only head) is in the CPU plan, not in a GPU's
+    int8 = {"frcnn_test.efficientnet_lite0.top100.int8", "frcnn_test.efficientnet_lite0.top2000.int8"}
+    assert int8 <= set(benchlib.plan(benchlib.BenchOptions()))
+    assert not int8 & set(benchlib.plan(benchlib.BenchOptions(device="cuda")))
     # a VOC layout with a split, and a plain folder
     voc = tmp_path / "VOC2007"
     (voc / "ImageSets" / "Main").mkdir(parents=True)

@@ -203,6 +203,20 @@ def test_entry_points(shapes, tmp_path, capsys):
     assert "--top" in err(base + ["--proposals", str(shapes["test_store"].path), "--top", "5,x"])
     assert "nope.pt" in err(["--checkpoint", str(tmp_path / "nope.pt"), "--proposals", str(shapes["test_store"].path),
                              "--top", "5", "--out", str(tmp_path / "x")])
+    # int8 fc6 / fc7 (detector.int8): the float32 head's detections, up to quantisation error (score_thresh 0: the
+    # few-iteration detector's scores are all low)
+    dets = {}
+    for dtype in ("float32", "int8"):
+        with pytest.raises(SystemExit) as e:
+            run_main(main, base[:-1] + [str(tmp_path / dtype), "--proposals", str(shapes["test_store"].path),
+                                        "--top", "50", "--no-progress", "--set", f"detector.test_dtype={dtype}",
+                                        "--set", "detector.score_thresh=0"])
+        assert e.value.code == 0
+        dets[dtype] = {(d["image_id"], d["category_id"], tuple(round(v) for v in d["bbox"])): d["score"]
+                       for d in json.loads((tmp_path / dtype / "top50" / "detections.json").read_text())}
+    common = dets["float32"].keys() & dets["int8"].keys()
+    assert len(dets["int8"]) == len(dets["float32"]) > 100 and len(common) >= 0.9 * len(dets["float32"])
+    assert max(abs(dets["float32"][k] - dets["int8"][k]) for k in common) < 1e-3
 
 
 def test_entry_point_trains_on_the_first_train_images(shapes, tmp_path):

@@ -33,8 +33,10 @@ def test_auto_is_bfloat16_only_with_native_units(monkeypatch, caplog, flags, wan
 
 
 def test_unknown_dtype_names_the_key():
-    with pytest.raises(ConfigError, match="detector.test_dtype.*int8"):
-        precision.resolve_dtype("int8", "cpu", "detector.test_dtype")
+    with pytest.raises(ConfigError, match="deepmask.infer_dtype.*got 'int8'"):  # int8: the detector's head only
+        precision.resolve_dtype("int8", "cpu", "deepmask.infer_dtype")
+    with pytest.raises(ConfigError, match="detector.test_dtype.*int8, got 'int4'"):
+        precision.resolve_dtype("int4", "cpu", "detector.test_dtype", int8=True)
 
 
 def _detector(trunk="efficientnet_lite0"):

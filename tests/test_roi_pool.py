@@ -3,6 +3,7 @@ import pytest
 import torch
 from torchvision.ops import roi_pool
 
+from detector.int8 import quantize_uint8
 from detector.roi_pool import roi_max_pool
 
 
@@ -30,6 +31,12 @@ def test_roi_max_pool_equals_torchvision(b, c, h, w, size):
     # bfloat16 table: equal to torchvision's result rounded to bfloat16 (max commutes with rounding)
     out16 = roi_max_pool(feats.contiguous(), rois, size, 1 / 16, torch.bfloat16)
     assert out16.dtype == torch.bfloat16 and torch.equal(out16, ref.bfloat16())
+    # uint8 map (test_dtype int8): pooling commutes with the monotone quantisation, empty bins read the zero point
+    q, scale, zp = quantize_uint8(feats)
+    assert 0 < zp < 255
+    outq = roi_max_pool(q, rois, size, 1 / 16, fill=zp)
+    want = torch.round(ref * (1.0 / scale)).add_(zp).clamp_(0, 255).byte()
+    assert outq.dtype == torch.uint8 and torch.equal(outq, want)
 
 
 def test_roi_max_pool_spatial_scale_and_no_rois():
@@ -40,6 +47,7 @@ def test_roi_max_pool_spatial_scale_and_no_rois():
     assert torch.equal(roi_max_pool(feats, rois, 7, 0.125), roi_pool(feats, rois, (7, 7), 0.125))
     none = roi_max_pool(feats, torch.zeros(0, 5), 7, 0.125)
     assert none.shape == (0, 4, 7, 7)
+    assert roi_max_pool(feats.byte(), torch.zeros(0, 5), 7, 0.125, fill=9).dtype == torch.uint8
 
 
 def test_detector_inference_head_uses_same_numbers():

@@ -1,0 +1,68 @@
+"""int8 fc6 / fc7 for Fast R-CNN test on CPUs without bfloat16 units (``detector.test_dtype: int8``; not in the paper).
+
+On a CPU without AMX or AVX512-BF16 (e.g. an AVX2-only AMD EPYC Zen 3) the head's float32 fc6 and fc7 dominate the
+test at 2000 RoIs, and bfloat16 is emulated there (many times slower). oneDNN's int8 matrix product
+(``torch.ops.onednn.qlinear_pointwise``, the kernel TorchInductor's x86 int8 path calls; not the deprecated
+``torch.ao.quantization`` modules) computes relu(x W^T + b) from
+
+* weights: symmetric, one scale per output unit, quantised once to 7 bits (-63 .. 63, max |w| / 63): without VNNI
+  (AVX2) the kernel multiplies with vpmaddubsw, whose int16 sum of two uint8 x int8 products saturates beyond
+  32767 (255 x 127 x 2 = 64770; 1% of a random layer's outputs off by up to 7% of its range in a check here);
+  255 x 63 x 2 = 32130 cannot, so every CPU computes the exact integer products (VNNI / AMX accumulate in int32
+  anyway). The activations keep 8 bits: their one scale per tensor is the coarser of the two;
+* activations: uint8, asymmetric, one scale and zero point per call from the tensor's range (dynamic: no
+  calibration set). fc6's input is never quantised as a (R, 5488) tensor: RoI max pooling commutes with the
+  monotone quantisation q(f) = clamp(round(f / s) + z), so the trunk's small map is quantised once per batch and
+  pooled in uint8 (``detector.roi_pool.roi_max_pool``, empty bins = z, i.e. 0.0);
+* output float32, ReLU fused into the product. cls_score / bbox_pred (1024 -> 21 / 84) stay float32.
+
+Outputs move by quantisation error (~1% of a unit's range): the mAP of a trained detector must be measured
+against float32 (README "Speed").
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+WEIGHT_MAX = 63  # 7-bit weights: no int16 saturation in AVX2's uint8 x int8 products (module docstring)
+
+
+def quantize_uint8(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+    """float tensor -> (uint8 tensor, scale, zero point), one scale for the whole tensor, 0.0 exactly representable."""
+    if x.numel() == 0:
+        return x.to(torch.uint8), 1.0, 0
+    lo, hi = torch.aminmax(x.detach())
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    scale = (hi - lo) / 255.0 if hi > lo else 1.0
+    zp = int(min(max(round(-lo / scale), 0), 255))
+    q = torch.round(x * (1.0 / scale)).add_(zp).clamp_(0, 255).to(torch.uint8)
+    return q, scale, zp
+
+
+class Int8LinearReLU(nn.Module):
+    """relu(Linear(x)) with 7-bit int8 weights (per output unit) and uint8 activations (per call), oneDNN on a CPU.
+
+    ``forward(x)`` quantises a float ``x`` itself; ``forward(q, scale, zp)`` takes an already quantised uint8 one."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(1).clamp(min=1e-12) / WEIGHT_MAX
+        q = torch.round(w / scale[:, None]).clamp_(-WEIGHT_MAX, WEIGHT_MAX).to(torch.int8)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("w_scale", scale)
+        self.register_buffer("w_zero_point", torch.zeros(self.out_features, dtype=torch.int64))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+        self.packed = torch.ops.onednn.qlinear_prepack(q, None)
+
+    def forward(self, x: torch.Tensor, scale: float | None = None, zero_point: int | None = None) -> torch.Tensor:
+        if x.dtype != torch.uint8:
+            x, scale, zero_point = quantize_uint8(x)
+        if x.shape[0] == 0:
+            return x.new_zeros((0, self.out_features), dtype=torch.float32)
+        return torch.ops.onednn.qlinear_pointwise(x.contiguous(), float(scale), int(zero_point), self.packed,
+                                                  self.w_scale, self.w_zero_point, self.bias, 1.0, 0, torch.float32,
+                                                  "relu", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights, relu fused"
