@@ -13,7 +13,8 @@ test at 2000 RoIs, and bfloat16 is emulated there (many times slower). oneDNN's 
 * activations: uint8, asymmetric, one scale and zero point per call from the tensor's range (dynamic: no
   calibration set). fc6's input is never quantised as a (R, 5488) tensor: RoI max pooling commutes with the
   monotone quantisation q(f) = clamp(round(f / s) + z), so the trunk's small map is quantised once per batch and
-  pooled in uint8 (``detector.roi_pool.roi_max_pool``, empty bins = z, i.e. 0.0);
+  pooled in uint8 (``detector.roi_pool.roi_max_pool``, empty bins = z, i.e. 0.0), channels last (fc6's columns
+  reordered to match once, so the pooled values are not transposed);
 * output float32, ReLU fused into the product. cls_score / bbox_pred (1024 -> 21 / 84) stay float32.
 
 Outputs move by quantisation error (~1% of a unit's range): the mAP of a trained detector must be measured
@@ -42,11 +43,17 @@ def quantize_uint8(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
 class Int8LinearReLU(nn.Module):
     """relu(Linear(x)) with 7-bit int8 weights (per output unit) and uint8 activations (per call), oneDNN on a CPU.
 
-    ``forward(x)`` quantises a float ``x`` itself; ``forward(q, scale, zp)`` takes an already quantised uint8 one."""
+    ``forward(x)`` quantises a float ``x`` itself; ``forward(q, scale, zp)`` takes an already quantised uint8 one.
+    ``channels_last=C``: the input is a pooled (bins, C) map flattened bins-first, while ``linear`` was trained on
+    torchvision's (C, bins) order; its columns are reordered to match (exact: the integer sums do not depend on
+    the order), so the pooling need not transpose."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, channels_last: int = 0):
         super().__init__()
         w = linear.weight.detach().float()
+        if channels_last:
+            c = int(channels_last)
+            w = w.view(w.shape[0], c, -1).transpose(1, 2).reshape(w.shape[0], -1)
         scale = w.abs().amax(1).clamp(min=1e-12) / WEIGHT_MAX
         q = torch.round(w / scale[:, None]).clamp_(-WEIGHT_MAX, WEIGHT_MAX).to(torch.int8)
         self.in_features, self.out_features = linear.in_features, linear.out_features

@@ -84,7 +84,8 @@ class FastRCNN(nn.Module):
         r[:, 3:5] = torch.maximum(r[:, 3:5] - 1, r[:, 1:3])
         if isinstance(self.fc6, Int8LinearReLU):  # test_dtype int8 (detector.int8): the map pooled in uint8
             q, scale, zp = quantize_uint8(feats)
-            x = self.fc7(self.fc6(roi_max_pool(q, r, self.roi_size, self.spatial_scale, fill=zp).flatten(1), scale, zp))
+            x = roi_max_pool(q, r, self.roi_size, self.spatial_scale, fill=zp, channels_last=True).flatten(1)
+            x = self.fc7(self.fc6(x, scale, zp))
             return self.cls_score(x), self.bbox_pred(x)
         if feats.device.type == "cpu" and not (torch.is_grad_enabled() and feats.requires_grad):
             # inference on a CPU: the same numbers as RoIPool cast to the head's dtype, ~7x faster at 2000 RoIs
@@ -125,7 +126,8 @@ class FastRCNN(nn.Module):
             if not (isinstance(out.fc6, nn.Linear) and isinstance(out.fc7, nn.Linear)):
                 raise ConfigError("config key 'detector.test_dtype': int8 quantises plain fc6 / fc7 layers; it does "
                                   "not combine with detector.svd")
-            out.fc6, out.fc7 = Int8LinearReLU(out.fc6), Int8LinearReLU(out.fc7)
+            channels = out.fc6.in_features // (self.roi_size * self.roi_size)  # fc6 reads channels-last bins
+            out.fc6, out.fc7 = Int8LinearReLU(out.fc6, channels_last=channels), Int8LinearReLU(out.fc7)
             head_dtype = torch.float32  # the classifier and regressor
         for m in (out.fc6, out.fc7, out.cls_score, out.bbox_pred):
             m.to(head_dtype)

@@ -48,15 +48,16 @@ def _sparse_table(feats: torch.Tensor, levels_y: int, levels_x: int, dtype: torc
 
 
 def roi_max_pool(feats: torch.Tensor, rois: torch.Tensor, output_size: int, spatial_scale: float,
-                 dtype: torch.dtype | None = None, fill: int | float = 0) -> torch.Tensor:
+                 dtype: torch.dtype | None = None, fill: int | float = 0, channels_last: bool = False) -> torch.Tensor:
     """feats (B,C,H,W), rois (R,5) of (batch index, x1, y1, x2, y2) -> (R, C, output_size, output_size) in
     ``dtype`` (default feats.dtype), equal to ``torchvision.ops.roi_pool(feats, rois, output_size,
-    spatial_scale).to(dtype)``. ``fill``: the value of an empty bin (roi_pool's 0; a uint8 map's zero point)."""
+    spatial_scale).to(dtype)``. ``fill``: the value of an empty bin (roi_pool's 0; a uint8 map's zero point).
+    ``channels_last``: (R, output_size, output_size, C) instead, the order the values are gathered in (no transpose)."""
     B, C, H, W = feats.shape
     dtype = dtype or feats.dtype
     R, n = rois.shape[0], int(output_size)
     if R == 0:
-        return feats.new_full((0, C, n, n), fill, dtype=dtype)
+        return feats.new_full((0, n, n, C) if channels_last else (0, C, n, n), fill, dtype=dtype)
     r = rois.detach().float().cpu()
     corners = _round_half_away(r[:, 1:5] * torch.tensor(spatial_scale, dtype=torch.float32))
     ys, ye = _bin_edges(corners[:, 1], corners[:, 3], n, H)
@@ -78,15 +79,20 @@ def roi_max_pool(feats: torch.Tensor, rois: torch.Tensor, output_size: int, spat
     rows = ((plane[..., None, None] * H + y_pair[:, :, None, :, None]) * W + x_pair[:, None, :, None, :])
     rows = rows.view(R, n, n, 4).masked_fill_(empty[..., None], len(tab) - 1).view(R, n * n, 4).to(feats.device)
     # in chunks of RoIs: every temporary stays small (a large one costs page faults on each call) and cache-resident
-    out = torch.empty((R, C, n * n), dtype=dtype, device=feats.device)
+    out = torch.empty((R, n * n, C) if channels_last else (R, C, n * n), dtype=dtype, device=feats.device)
     step = max(1, _CHUNK_ROWS // (n * n))
     for a in range(0, R, step):
         idx = rows[a:a + step].reshape(-1, 4)
-        m = tab.index_select(0, idx[:, 0])
+        if channels_last:  # gathered straight into the output
+            m = out[a:a + step].view(-1, C)
+            torch.index_select(tab, 0, idx[:, 0], out=m)
+        else:
+            m = tab.index_select(0, idx[:, 0])
         for j in (1, 2, 3):
             torch.maximum(m, tab.index_select(0, idx[:, j]), out=m)
-        out[a:a + step].copy_(m.view(-1, n * n, C).transpose(1, 2))
-    return out.view(R, C, n, n)
+        if not channels_last:
+            out[a:a + step].copy_(m.view(-1, n * n, C).transpose(1, 2))
+    return out.view(R, n, n, C) if channels_last else out.view(R, C, n, n)
 
 
 _CHUNK_ROWS = 8192  # bins per chunk: 8192 x 112 channels x 4 bytes = 3.7 MB

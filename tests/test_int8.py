@@ -48,6 +48,9 @@ def test_int8_linear_relu_is_close_to_float32():
     assert err.max() < 0.025 * ref.max() and err.mean() < 0.003 * ref.max()
     # an already quantised input gives the same product
     assert torch.equal(q8(q, s, z), out)
+    # a channels-last input (bins first, as the head pools it) against reordered columns: the same integer sums
+    last = Int8LinearReLU(lin, channels_last=20)  # 500 inputs = 20 channels x 25 bins
+    assert torch.equal(last(q.view(200, 20, 25).transpose(1, 2).reshape(200, 500), s, z), out)
     assert q8(torch.zeros(0, 500)).shape == (0, 64)
 
 

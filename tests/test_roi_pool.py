@@ -37,6 +37,8 @@ def test_roi_max_pool_equals_torchvision(b, c, h, w, size):
     outq = roi_max_pool(q, rois, size, 1 / 16, fill=zp)
     want = torch.round(ref * (1.0 / scale)).add_(zp).clamp_(0, 255).byte()
     assert outq.dtype == torch.uint8 and torch.equal(outq, want)
+    last = roi_max_pool(q, rois, size, 1 / 16, fill=zp, channels_last=True)
+    assert last.shape == (700, size, size, c) and torch.equal(last, want.permute(0, 2, 3, 1))
 
 
 def test_roi_max_pool_spatial_scale_and_no_rois():
@@ -48,6 +50,7 @@ def test_roi_max_pool_spatial_scale_and_no_rois():
     none = roi_max_pool(feats, torch.zeros(0, 5), 7, 0.125)
     assert none.shape == (0, 4, 7, 7)
     assert roi_max_pool(feats.byte(), torch.zeros(0, 5), 7, 0.125, fill=9).dtype == torch.uint8
+    assert roi_max_pool(feats, torch.zeros(0, 5), 7, 0.125, channels_last=True).shape == (0, 7, 7, 4)
 
 
 def test_detector_inference_head_uses_same_numbers():
