@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from .config_parse import BIG, check_range, from_mapping, hints, merge, parse_override, suggest
+from .config_parse import check_range, from_mapping, hints, merge, parse_override, suggest
 from .errors import ConfigError
 
 

@@ -1,8 +1,4 @@
-import subprocess
-import sys
-
 import pytest
-import yaml
 
 from core.config import Config, load_config, save_config, section_hash
 from core.errors import ConfigError

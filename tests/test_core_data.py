@@ -3,7 +3,7 @@ import pytest
 from PIL import Image
 
 from core.boxes import box_iou, decode_rles, encode_masks, mask_to_box, masks_to_boxes, rle_to_boxes
-from core.datasets import VOC_CLASSES, CocoDataset, VOCDataset, parse_voc_xml
+from core.datasets import VOC_CLASSES, CocoDataset, VOCDataset
 from core.errors import DataError, ImageError
 from core.images import image_size, load_image
 

@@ -108,10 +108,12 @@ def test_full_image_features_match_at_16px_steps():
     with torch.no_grad():
         feat = model.features(img)
         ds = model.dense_scores(feat)
+        dm = model.dense_masks(feat)
         u, v = 3, 4
         mk, sc = model.mask_head(feat[:, :, u:u + 4, v:v + 4]), model.score_head(feat[:, :, u:u + 4, v:v + 4])
     assert feat.shape[-2:] == (10, 12)
     assert torch.allclose(ds[0, u, v], sc[0], atol=1e-4)
+    assert torch.allclose(dm[0, :, u, v], mk[0].flatten(), atol=1e-4)
 
 
 def test_bad_patch_size_is_a_config_error():

@@ -7,7 +7,7 @@ import torch
 from torchvision.ops import box_iou
 
 from core.config import load_config
-from detector.model import FastRCNN, build_detector, truncated_svd_linear
+from detector.model import build_detector, truncated_svd_linear
 from core.boxes import clip_boxes
 from detector.sampling import BBOX_STDS, BoxCoder, sample_rois
 from detector.test import postprocess

@@ -35,7 +35,6 @@ import xml.etree.ElementTree as ET
 import zlib
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml

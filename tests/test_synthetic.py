@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.boxes import decode_rles, mask_to_box, masks_to_boxes, xywh_to_xyxy
+from core.boxes import mask_to_box, masks_to_boxes, xywh_to_xyxy
 from core.datasets import VOC_CLASSES, CocoDataset, VOCDataset
 from core.errors import UserError
 from core.images import load_image
