@@ -21,10 +21,11 @@ import logging
 from pathlib import Path
 
 from core.cli import add_set_arg, counts as counts_arg, run_main
-from core.config import Config, load_config
+from core import distributed
+from core.config import DET_TEST, SWEEP, Config, load_config, section_hash, values_for
 from core.errors import DataError
-from core.io import atomic_write_text, write_json
-from pipelines.experiment import RunPaths
+from core.io import atomic_write_text, read_json, write_json
+from pipelines.experiment import SWEEP_OUTPUTS, RunPaths, Stages
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +212,25 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _set_aside_other_sweeps(run: Path, cfg: Config | None, counts, methods, changed: bool) -> str | None:
+    """Before a standalone sweep: the outputs of a sweep made under other settings (another --set, --counts or
+    --methods than theirs) are moved to ``stale/sweep-<their key>/``, as pipelines.run does, never overwritten.
+    Returns the key to record for this sweep, None when it recomputes the run's own sweep in place (no option given
+    and pipelines.run made the outputs there, with the run's config)."""
+    cfg = cfg or load_config(str(run / "config.yaml"))
+    key = "standalone-" + section_hash({"sweep": values_for(cfg, SWEEP), "test": values_for(cfg, DET_TEST),
+                                        "counts": sorted(counts or cfg.sweep.counts),
+                                        "methods": list(methods or cfg.sweep.methods)})
+    marker = run / "stages" / "sweep.done.json"
+    old = read_json(marker).get("key") if marker.is_file() else None
+    if old == key or (old is not None and not old.startswith("standalone-") and not changed):
+        return None if old != key else key
+    dest = Stages(run).move_aside("sweep", old or "unrecorded", [run / n for n in SWEEP_OUTPUTS])
+    if dest is not None:
+        log.info("sweep: the earlier sweep's outputs (other settings) are kept in %s", dest)
+    return key
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipelines.sweep", description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", required=True, help="run folder, e.g. runs/shapes")
@@ -223,10 +243,17 @@ def main(argv=None) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     if args.methods is not None and not methods:
         raise DataError(f"--methods {args.methods!r}: no method given")
-    cfg = load_config(str(Path(args.run) / "config.yaml"), args.overrides) if args.overrides else None
-    summary = run_sweep(args.run, cfg=cfg, counts=args.counts, methods=methods)
-    from core import distributed
-
+    run = Path(args.run)
+    if not (run / "config.yaml").is_file():
+        raise DataError(f"{run}: not a run folder (no config.yaml); run `python -m pipelines.run` first")
+    cfg = load_config(str(run / "config.yaml"), args.overrides) if args.overrides else None
+    changed = bool(args.overrides or args.counts or methods)
+    key = _set_aside_other_sweeps(run, cfg, args.counts, methods, changed) if distributed.is_main() else None
+    distributed.barrier()
+    summary = run_sweep(run, cfg=cfg, counts=args.counts, methods=methods)
+    if key is not None and distributed.is_main():  # what pipelines.run's stage record would say: made how
+        write_json(run / "stages" / "sweep.done.json", {"key": key, "resume_key": None, "status": "done",
+                                                        "result": "sweep.json"}, indent=1)
     if not distributed.is_main():  # torchrun: rank 0 reports
         return 0
     print(format_summary(summary))

@@ -337,6 +337,17 @@ def test_imported_stores_feed_the_entry_points(data, tmp_path):
     for name in ("figure5.png", "recall.png", "recall_iou.png"):
         assert (run / name).stat().st_size > 10000, name
     assert "mine (imported)" in res.out or "imported:mine" in res.out
+    # a sweep under other test settings keeps the earlier one's outputs (stale/sweep-<key>/), never overwrites them;
+    # the same settings again recompute in place
+    before = (run / "sweep.json").read_text()
+    args = ["--run", run, "--methods", "imported:mine", "--set", "detector.score_thresh=0.5"]
+    assert_ok(run_entry("pipelines.sweep", args))
+    stale = list((run / "stale").iterdir())
+    assert len(stale) == 1 and stale[0].name.startswith("sweep-standalone-")
+    assert (stale[0] / "sweep.json").read_text() == before and (stale[0] / "results").is_dir()
+    assert (run / "sweep.json").is_file() and (run / "figure5.png").is_file()
+    assert_ok(run_entry("pipelines.sweep", args))
+    assert list((run / "stale").iterdir()) == stale
 
 
 def test_figure5_survives_the_round_trip_of_every_format(data, tmp_path):
