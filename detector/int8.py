@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from core.errors import ConfigError
+
 WEIGHT_MAX = 63  # 7-bit weights: no int16 saturation in AVX2's uint8 x int8 products (module docstring)
 
 
@@ -60,7 +62,12 @@ class Int8LinearReLU(nn.Module):
         self.register_buffer("w_scale", scale)
         self.register_buffer("w_zero_point", torch.zeros(self.out_features, dtype=torch.int64))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
-        self.packed = torch.ops.onednn.qlinear_prepack(q, None)
+        try:
+            self.packed = torch.ops.onednn.qlinear_prepack(q, None)
+            self(torch.zeros((1, self.in_features), dtype=torch.uint8), 1.0, 0)  # the product runs here
+        except (RuntimeError, TypeError) as e:  # e.g. a PyTorch whose oneDNN int8 ops take other arguments
+            raise ConfigError(f"config key 'detector.test_dtype': int8 is not available in PyTorch {torch.__version__} "
+                              f"here ({str(e).splitlines()[0][:120]}); use auto or float32") from None
 
     def forward(self, x: torch.Tensor, scale: float | None = None, zero_point: int | None = None) -> torch.Tensor:
         if x.dtype != torch.uint8:

@@ -72,7 +72,7 @@ def test_int8_detector_is_close_to_float32():
     assert isinstance(model.fc6, torch.nn.Linear) and model.fc6.weight.requires_grad
 
 
-def test_int8_errors_name_the_key():
+def test_int8_errors_name_the_key(monkeypatch):
     cfg = load_config(None, ["detector.test_dtype=int8"])
     assert cfg.detector.test_dtype == "int8"
     assert precision.resolve_dtype("int8", "cpu", "detector.test_dtype", int8=True) == (torch.int8, "int8")
@@ -86,3 +86,11 @@ def test_int8_errors_name_the_key():
     model.apply_svd(16, 16)
     with pytest.raises(ConfigError, match="'detector.test_dtype'.*detector.svd"):
         model.for_inference(torch.int8)
+    # a PyTorch whose oneDNN int8 product fails: one line naming the key, at conversion, not mid-test
+
+    def broken(self, *a):
+        raise RuntimeError("qlinear_pointwise: expected other arguments\nmore")
+
+    monkeypatch.setattr(Int8LinearReLU, "forward", broken)
+    with pytest.raises(ConfigError, match=r"^config key 'detector.test_dtype': int8 is not available .*other argum"):
+        _detector().for_inference(torch.int8)
