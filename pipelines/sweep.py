@@ -20,8 +20,8 @@ import io
 import logging
 from pathlib import Path
 
-from core.cli import add_set_arg, counts as counts_arg, run_main
 from core import distributed
+from core.cli import add_set_arg, counts as counts_arg, run_main
 from core.config import DET_TEST, SWEEP, Config, load_config, section_hash, values_for
 from core.errors import DataError
 from core.io import atomic_write_text, read_json, write_json
@@ -223,8 +223,10 @@ def _set_aside_other_sweeps(run: Path, cfg: Config | None, counts, methods, chan
                                         "methods": list(methods or cfg.sweep.methods)})
     marker = run / "stages" / "sweep.done.json"
     old = read_json(marker).get("key") if marker.is_file() else None
-    if old == key or (old is not None and not old.startswith("standalone-") and not changed):
-        return None if old != key else key
+    if old == key:  # the same settings as the outputs there
+        return key
+    if old is not None and not old.startswith("standalone-") and not changed:  # the run's own sweep, redone
+        return None
     dest = Stages(run).move_aside("sweep", old or "unrecorded", [run / n for n in SWEEP_OUTPUTS])
     if dest is not None:
         log.info("sweep: the earlier sweep's outputs (other settings) are kept in %s", dest)
