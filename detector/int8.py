@@ -10,12 +10,15 @@ test at 2000 RoIs, and bfloat16 is emulated there (many times slower). oneDNN's 
   32767 (255 x 127 x 2 = 64770; 1% of a random layer's outputs off by up to 7% of its range in a check here);
   255 x 63 x 2 = 32130 cannot, so every CPU computes the exact integer products (VNNI / AMX accumulate in int32
   anyway). The activations keep 8 bits: their one scale per tensor is the coarser of the two;
-* activations: uint8, asymmetric, one scale and zero point per call from the tensor's range (dynamic: no
-  calibration set). fc6's input is never quantised as a (R, 5488) tensor: RoI max pooling commutes with the
-  monotone quantisation q(f) = clamp(round(f / s) + z), so the trunk's small map is quantised once per batch and
-  pooled in uint8 (``detector.roi_pool.roi_max_pool``, empty bins = z, i.e. 0.0), channels last (fc6's columns
-  reordered to match once, so the pooled values are not transposed);
-* output float32, ReLU fused into the product. cls_score / bbox_pred (1024 -> 21 / 84) stay float32.
+* activations: uint8, dynamic (no calibration set), so that every RoI's outputs depend on that RoI and its image
+  alone, as in float32 (detector.test slices one pass over the top max(N) proposals for every N):
+  - fc6: one scale and zero point per image, of the trunk's map. Its (R, 5488) input is never quantised as such:
+    RoI max pooling commutes with the monotone quantisation q(f) = clamp(round(f / s) + z), so the small map is
+    quantised once and pooled in uint8 (``detector.roi_pool.roi_max_pool``, empty bins = z, i.e. 0.0), channels
+    last (fc6's columns reordered to match once, so the pooled values are not transposed);
+  - fc7 (``rowwise``): one scale per RoI of its non-negative input (fc6's ReLU output), applied after the product;
+* output float32, ReLU fused into the product (fc6) or applied after the row scales (fc7). cls_score / bbox_pred
+  (1024 -> 21 / 84) stay float32.
 
 Outputs move by quantisation error (~1% of a unit's range): the mAP of a trained detector must be measured
 against float32 (README "Speed").
@@ -45,13 +48,15 @@ def quantize_uint8(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
 class Int8LinearReLU(nn.Module):
     """relu(Linear(x)) with 7-bit int8 weights (per output unit) and uint8 activations (per call), oneDNN on a CPU.
 
-    ``forward(x)`` quantises a float ``x`` itself; ``forward(q, scale, zp)`` takes an already quantised uint8 one.
+    ``forward(x)`` quantises a float ``x`` itself (one scale for the tensor; ``rowwise``: one per row of a
+    non-negative ``x``, e.g. a ReLU's output); ``forward(q, scale, zp)`` takes an already quantised uint8 one.
     ``channels_last=C``: the input is a pooled (bins, C) map flattened bins-first, while ``linear`` was trained on
     torchvision's (C, bins) order; its columns are reordered to match (exact: the integer sums do not depend on
     the order), so the pooling need not transpose."""
 
-    def __init__(self, linear: nn.Linear, channels_last: int = 0):
+    def __init__(self, linear: nn.Linear, channels_last: int = 0, rowwise: bool = False):
         super().__init__()
+        self.rowwise = bool(rowwise)
         w = linear.weight.detach().float()
         if channels_last:
             c = int(channels_last)
@@ -70,13 +75,22 @@ class Int8LinearReLU(nn.Module):
                               f"here ({str(e).splitlines()[0][:120]}); use auto or float32") from None
 
     def forward(self, x: torch.Tensor, scale: float | None = None, zero_point: int | None = None) -> torch.Tensor:
+        if x.shape[0] == 0:
+            return torch.zeros((0, self.out_features), dtype=torch.float32, device=x.device)
+        if x.dtype != torch.uint8 and self.rowwise:
+            s = x.amax(1, keepdim=True).clamp_(min=1e-30) / 255.0
+            q = torch.round(x / s).clamp_(0, 255).to(torch.uint8)
+            y = self._product(q, 1.0, 0, None, "none").mul_(s)
+            return (y if self.bias is None else y.add_(self.bias)).relu_()
         if x.dtype != torch.uint8:
             x, scale, zero_point = quantize_uint8(x)
-        if x.shape[0] == 0:
-            return x.new_zeros((0, self.out_features), dtype=torch.float32)
-        return torch.ops.onednn.qlinear_pointwise(x.contiguous(), float(scale), int(zero_point), self.packed,
-                                                  self.w_scale, self.w_zero_point, self.bias, 1.0, 0, torch.float32,
-                                                  "relu", [], "")
+        return self._product(x, scale, zero_point, self.bias, "relu")
+
+    def _product(self, q, scale, zero_point, bias, post_op: str) -> torch.Tensor:
+        return torch.ops.onednn.qlinear_pointwise(q.contiguous(), float(scale), int(zero_point), self.packed,
+                                                  self.w_scale, self.w_zero_point, bias, 1.0, 0, torch.float32,
+                                                  post_op, [], "")
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights, relu fused"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int8 weights, "
+                f"{'per-row activation scales' if self.rowwise else 'relu fused'}")

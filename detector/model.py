@@ -127,7 +127,8 @@ class FastRCNN(nn.Module):
                 raise ConfigError("config key 'detector.test_dtype': int8 quantises plain fc6 / fc7 layers; it does "
                                   "not combine with detector.svd")
             channels = out.fc6.in_features // (self.roi_size * self.roi_size)  # fc6 reads channels-last bins
-            out.fc6, out.fc7 = Int8LinearReLU(out.fc6, channels_last=channels), Int8LinearReLU(out.fc7)
+            out.fc6 = Int8LinearReLU(out.fc6, channels_last=channels)
+            out.fc7 = Int8LinearReLU(out.fc7, rowwise=True)  # its input: fc6's ReLU output
             head_dtype = torch.float32  # the classifier and regressor
         for m in (out.fc6, out.fc7, out.cls_score, out.bbox_pred):
             m.to(head_dtype)

@@ -54,6 +54,25 @@ def test_int8_linear_relu_is_close_to_float32():
     assert q8(torch.zeros(0, 500)).shape == (0, 64)
 
 
+def test_rowwise_int8_linear_treats_rows_independently():
+    """fc7's form: one activation scale per row of a non-negative input, so a row's output does not depend on the
+    other rows (detector.test slices one pass for every N), and is closer to float32 than one scale per tensor."""
+    g = torch.Generator().manual_seed(2)
+    lin = torch.nn.Linear(256, 64)
+    torch.nn.init.normal_(lin.weight, 0, 0.05, generator=g)
+    x = torch.relu(torch.randn(300, 256, generator=g)) * torch.rand(300, 1, generator=g) * 4  # rows of other ranges
+    ref = torch.relu(lin(x)).detach()
+    rows, tensor = Int8LinearReLU(lin, rowwise=True), Int8LinearReLU(lin)
+    out = rows(x)
+    assert out.shape == (300, 64) and (out >= 0).all()
+    assert torch.equal(rows(x[:40]), out[:40]) and torch.equal(rows(x[150:]), out[150:])
+    small = x.amax(1) < x.max() / 2
+    assert not torch.equal(tensor(x[small]), tensor(x)[small])  # one scale for the tensor: rows interact
+    err_rows, err_tensor = (out - ref).abs().mean(), (tensor(x) - ref).abs().mean()
+    assert err_rows < 0.003 * ref.max() and err_rows < err_tensor
+    assert rows(torch.zeros(0, 256)).shape == (0, 64)
+
+
 def test_int8_detector_is_close_to_float32():
     model = _detector()
     img, rois = _inputs()
@@ -68,6 +87,10 @@ def test_int8_detector_is_close_to_float32():
     p0, p1 = torch.softmax(c0, 1), torch.softmax(c1, 1)
     assert (p1 - p0).abs().max() < 0.02 and (b1 - b0).abs().max() < 0.05 * b0.abs().max()
     assert empty[0].shape == (0, 5) and empty[1].shape == (0, 20)
+    # a RoI's scores and deltas depend on it and its image alone: the first N rows of a pass are the pass over N
+    with torch.inference_mode():
+        c2, b2 = q(img, rois[:100])
+    assert torch.equal(c2, c1[:100]) and torch.equal(b2, b1[:100])
     # the original is untouched
     assert isinstance(model.fc6, torch.nn.Linear) and model.fc6.weight.requires_grad
 
