@@ -426,10 +426,10 @@ def validate(cfg: Config) -> None:
     if dm.positive_sampling not in ("official", "category", "object"):
         raise ConfigError(f"config key 'deepmask.positive_sampling': expected official, category or object, got "
                           f"{dm.positive_sampling!r}")
-    from .precision import CHOICES
+    from .precision import CHOICES, TEST_CHOICES
     for key, v, choices in (("deepmask.infer_dtype", dm.infer_dtype, CHOICES),
                             ("deepmask.train_dtype", dm.train_dtype, CHOICES),
-                            ("detector.test_dtype", d.test_dtype, (*CHOICES, "int8")),
+                            ("detector.test_dtype", d.test_dtype, TEST_CHOICES),
                             ("detector.train_dtype", d.train_dtype, CHOICES)):
         if v not in choices:
             raise ConfigError(f"config key '{key}': expected one of {', '.join(choices)}, got {v!r}")

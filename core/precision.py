@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CHOICES = ("auto", *DTYPES)
+TEST_CHOICES = (*CHOICES, "int8")  # detector.test_dtype: also the Fast R-CNN head's int8 products (detector.int8)
 
 
 @functools.lru_cache(maxsize=1)
@@ -44,7 +45,7 @@ def native_bf16(device) -> bool:
 def resolve_dtype(name: str, device, key: str, int8: bool = False) -> tuple[torch.dtype, str]:
     """(dtype, its name) for a config value of :data:`CHOICES` (with ``int8``: also 'int8', the Fast R-CNN head's
     int8 products on a CPU, detector.int8); ``key`` names the config key in errors."""
-    choices = (*CHOICES, "int8") if int8 else CHOICES
+    choices = TEST_CHOICES if int8 else CHOICES
     if name not in choices:
         raise ConfigError(f"config key '{key}': expected one of {', '.join(choices)}, got {name!r}")
     if name == "int8":
@@ -64,9 +65,7 @@ def _warn_emulated(key: str) -> None:
 
 
 def _check_int8(device, key: str) -> None:
-    """A one-line error naming the key where int8 cannot run: not a CPU, or a PyTorch without oneDNN's int8 linear."""
+    """A one-line error naming the key where int8 cannot run: not a CPU (whether this PyTorch's oneDNN int8 product
+    runs is probed where the layers are converted, detector.int8.Int8LinearReLU)."""
     if torch.device(device).type != "cpu":
         raise ConfigError(f"config key '{key}': int8 runs on a CPU only (device {device}); use auto or bfloat16")
-    if not (hasattr(torch.ops.onednn, "qlinear_pointwise") and hasattr(torch.ops.onednn, "qlinear_prepack")):
-        raise ConfigError(f"config key '{key}': int8 needs oneDNN's int8 linear (torch.ops.onednn.qlinear_pointwise), "
-                          f"which PyTorch {torch.__version__} lacks; use auto or float32")

@@ -70,7 +70,7 @@ class Int8LinearReLU(nn.Module):
         try:
             self.packed = torch.ops.onednn.qlinear_prepack(q, None)
             self(torch.zeros((1, self.in_features), dtype=torch.uint8), 1.0, 0)  # the product runs here
-        except (RuntimeError, TypeError) as e:  # e.g. a PyTorch whose oneDNN int8 ops take other arguments
+        except (AttributeError, RuntimeError, TypeError) as e:  # a PyTorch without these ops, or other arguments
             raise ConfigError(f"config key 'detector.test_dtype': int8 is not available in PyTorch {torch.__version__} "
                               f"here ({str(e).splitlines()[0][:120]}); use auto or float32") from None
 

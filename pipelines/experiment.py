@@ -198,6 +198,15 @@ class Stages:
         st = read_json(m)
         return st.get("key") == key and st.get("status") == "done"
 
+    def recorded_key(self, name: str) -> str | None:
+        """The key stage ``name`` last ran (or started) under, None if it never did."""
+        m = self._marker(name)
+        return read_json(m).get("key") if m.is_file() else None
+
+    def mark_done(self, name: str, key: str, result, resume_key: str | None = None, seconds: float | None = None):
+        st = {"key": key, "resume_key": resume_key, "status": "done", "result": result}
+        write_json(self._marker(name), st if seconds is None else {**st, "seconds": round(seconds, 1)}, indent=1)
+
     def move_aside(self, name: str, old_key: str, outputs: list[Path]) -> Path | None:
         """Move the existing `outputs` of stage `name` (made under `old_key`) to ``stale/<name>-<old_key>/``."""
         present = [p for p in outputs if p.exists()]
@@ -244,8 +253,7 @@ class Stages:
         dt = time.time() - t0
         self.timings[name] = dt
         if main:
-            write_json(marker, {"key": key, "resume_key": resume_key, "status": "done", "result": result,
-                                "seconds": round(dt, 1)}, indent=1)
+            self.mark_done(name, key, result, resume_key, dt)
         distributed.barrier()
         log.info("stage %-34s done in %.1f s", name, dt)
         return result

@@ -24,7 +24,7 @@ from core import distributed
 from core.cli import add_set_arg, counts as counts_arg, run_main
 from core.config import DET_TEST, SWEEP, Config, load_config, section_hash, values_for
 from core.errors import DataError
-from core.io import atomic_write_text, read_json, write_json
+from core.io import atomic_write_text, write_json
 from pipelines.experiment import SWEEP_OUTPUTS, RunPaths, Stages
 
 log = logging.getLogger(__name__)
@@ -221,8 +221,7 @@ def _set_aside_other_sweeps(run: Path, cfg: Config | None, counts, methods, chan
     key = "standalone-" + section_hash({"sweep": values_for(cfg, SWEEP), "test": values_for(cfg, DET_TEST),
                                         "counts": sorted(counts or cfg.sweep.counts),
                                         "methods": list(methods or cfg.sweep.methods)})
-    marker = run / "stages" / "sweep.done.json"
-    old = read_json(marker).get("key") if marker.is_file() else None
+    old = Stages(run).recorded_key("sweep")
     if old == key:  # the same settings as the outputs there
         return key
     if old is not None and not old.startswith("standalone-") and not changed:  # the run's own sweep, redone
@@ -254,8 +253,7 @@ def main(argv=None) -> int:
     distributed.barrier()
     summary = run_sweep(run, cfg=cfg, counts=args.counts, methods=methods)
     if key is not None and distributed.is_main():  # what pipelines.run's stage record would say: made how
-        write_json(run / "stages" / "sweep.done.json", {"key": key, "resume_key": None, "status": "done",
-                                                        "result": "sweep.json"}, indent=1)
+        Stages(run).mark_done("sweep", key, "sweep.json")
     if not distributed.is_main():  # torchrun: rank 0 reports
         return 0
     print(format_summary(summary))
