@@ -32,7 +32,9 @@ def test_int8_linear_relu_is_close_to_float32():
     torch.nn.init.normal_(lin.bias, 0, 0.1, generator=g)
     x = torch.randn(200, 500, generator=g)
     ref = torch.relu(lin(x)).detach()
+    before = lin.weight.detach().clone()
     q8 = Int8LinearReLU(lin)
+    assert torch.equal(lin.weight, before)  # quantised in place, but on a copy: the layer keeps its weights
     out = q8(x)
     assert out.dtype == torch.float32 and out.shape == (200, 64)
     assert (out >= 0).all() and ((out > 0) == (ref > 0)).float().mean() > 0.97  # ReLU fused
