@@ -207,6 +207,10 @@ class Stages:
         st = {"key": key, "resume_key": resume_key, "status": "done", "result": result}
         write_json(self._marker(name), st if seconds is None else {**st, "seconds": round(seconds, 1)}, indent=1)
 
+    def mark_set_aside(self, name: str, key: str) -> None:
+        """Record that stage ``name``'s outputs were moved aside under ``key`` (not done: a run rebuilds them)."""
+        write_json(self._marker(name), {"key": key, "resume_key": None, "status": "set aside"}, indent=1)
+
     def move_aside(self, name: str, old_key: str, outputs: list[Path]) -> Path | None:
         """Move the existing `outputs` of stage `name` (made under `old_key`) to ``stale/<name>-<old_key>/``."""
         present = [p for p in outputs if p.exists()]

@@ -226,9 +226,15 @@ def _set_aside_other_sweeps(run: Path, cfg: Config | None, counts, methods, chan
         return key
     if old is not None and not old.startswith("standalone-") and not changed:  # the run's own sweep, redone
         return None
-    dest = Stages(run).move_aside("sweep", old or "unrecorded", [run / n for n in SWEEP_OUTPUTS])
+    stages = Stages(run)
+    # report/ shows the earlier sweep's numbers: it goes with them, and pipelines.run's report stage is marked as
+    # made from another sweep, so that the run rebuilds it (its record alone would skip it as done)
+    dest = stages.move_aside("sweep", old or "unrecorded", [run / n for n in (*SWEEP_OUTPUTS, "report")])
     if dest is not None:
-        log.info("sweep: the earlier sweep's outputs (other settings) are kept in %s", dest)
+        log.info("sweep: the earlier sweep's outputs (other settings)%s are kept in %s",
+                 " and its report" if (dest / "report").exists() else "", dest)
+    if stages.recorded_key("report") is not None:
+        stages.mark_set_aside("report", key)
     return key
 
 

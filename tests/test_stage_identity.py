@@ -3,6 +3,7 @@ affects; a test-time setting never retrains a model; a different image subset ne
 of an older identity are moved aside, never deleted."""
 import dataclasses
 import hashlib
+import json
 import typing
 from pathlib import Path
 
@@ -255,3 +256,28 @@ def test_an_imported_store_is_a_method_of_the_run(tiny, tmp_path):
     assert run(*base, methods)["stages_run"] == []
     with pytest.raises(Exception, match="no proposal store"):
         run(*base, "sweep.methods=[imported:other]")
+
+
+def test_a_hand_run_sweep_takes_the_report_aside_and_the_run_rebuilds_it(tiny):
+    """pipelines.sweep by hand under other settings: the run's report shows the earlier sweep's numbers, so it is
+    kept with them in stale/sweep-<key>/, and the next pipelines.run rebuilds the report with its own sweep (a record
+    saying "done" would have skipped it, leaving the run without a report)."""
+    from pipelines.sweep import main as sweep_main
+
+    run, root, _ = tiny
+    base = ("deepmask.top_n=30", "detector.score_thresh=0.2", "data.test_images=2", "data.train_images=4")
+    run(*base)
+    assert (root / "report" / "index.html").is_file()
+    before = set((root / "stale").iterdir()) if (root / "stale").is_dir() else set()
+    assert sweep_main(["--run", str(root), "--set", "detector.score_thresh=0.5"]) == 0
+    new = set((root / "stale").iterdir()) - before
+    assert len(new) == 1 and next(iter(new)).name.startswith("sweep-")
+    kept = next(iter(new))
+    assert (kept / "sweep.json").is_file() and (kept / "report" / "index.html").is_file()
+    assert not (root / "report").exists() and (root / "sweep.json").is_file()
+    marker = json.loads((root / "stages" / "report.done.json").read_text())
+    assert marker["status"] != "done" and marker["key"].startswith("standalone-")
+    s = run(*base)
+    assert s["stages_run"] == ["sweep", "report"]
+    assert (root / "report" / "index.html").is_file()
+    assert run(*base)["stages_run"] == []
