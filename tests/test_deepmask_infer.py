@@ -170,13 +170,15 @@ def test_build_from_checkpoint_and_errors(tmp_path):
 
 
 def test_region_rle_equals_full_image_encode():
-    """region_rle gives pycocotools' RLE of the full-size mask, including the corner cases of the column-major
-    runs: rectangles touching the first / last pixel, spanning whole columns (runs crossing columns), empty ones."""
+    """region_rle and regions_rle give pycocotools' RLE of the full-size mask, including the corner cases of the
+    column-major runs: rectangles touching the first / last pixel, spanning whole columns (runs crossing columns),
+    empty ones; one region at a time and many at once."""
     from pycocotools import mask as mask_utils
 
-    from proposals.deepmask.infer import region_rle
+    from proposals.deepmask.infer import region_rle, regions_rle
 
     rng = np.random.default_rng(0)
+    regs, where, wants = [], [], []
     cases = [(0, 0, 7, 5), (3, 0, 4, 9), (0, 2, 7, 7), (6, 8, 1, 1), (2, 3, 3, 4), (0, 0, 1, 1)]
     for _ in range(40):
         x0, y0 = int(rng.integers(0, 7)), int(rng.integers(0, 9))
@@ -190,6 +192,21 @@ def test_region_rle_equals_full_image_encode():
             want = mask_utils.encode(full)
             want["counts"] = want["counts"].decode("ascii")
             assert region_rle(reg, x0, y0, 9, 7) == want, (x0, y0, rw, rh, fill)
+            regs.append(reg)
+            where.append((x0, y0))
+            wants.append(want)
+    # all of them in one call (what inference does with a chunk), and large counts (several 5-bit groups, negative
+    # differences) on a large image
+    got = regions_rle(regs, [x for x, _ in where], [y for _, y in where], 9, 7)
+    assert got == wants
+    big = np.zeros((1000, 1200), np.uint8, order="F")
+    big[0, 0] = big[700:, 1100:] = big[:300, 5] = 1
+    big[999, 1199] = 0
+    want = mask_utils.encode(big)
+    want["counts"] = want["counts"].decode("ascii")
+    sub = big[:, 5:1200].astype(bool)
+    assert regions_rle([sub, big.astype(bool)], [5, 0], [0, 0], 1000, 1200)[1] == want
+    assert len(want["counts"]) > 8
 
 
 def test_paste_window_equals_the_whole_footprint():

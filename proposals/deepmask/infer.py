@@ -18,8 +18,8 @@ needed -- identical values, without holding 3136 channels per position).
   one cv2.warpAffine into the footprint clipped to the image), binarised at ``mask_threshold`` (0.2 COCO, 0.1
   PASCAL) and RLE-encoded; a candidate whose binary mask is empty is dropped and the next one taken, until
   ``top_n`` proposals. The box is the binary mask's extent (core.boxes.mask_to_box convention: [xmin, ymin,
-  xmax+1, ymax+1]). No full-size mask is ever held: each is RLE-encoded from its bounding rectangle
-  (region_rle).
+  xmax+1, ymax+1]). No full-size mask is ever held: each is RLE-encoded from its bounding rectangle, a chunk's
+  masks together (regions_rle).
 * Memory: images with a longer side above ``max_image_side`` are first downscaled (results are mapped back to
   the original pixels); ``scale_batch`` runs all scales in one trunk pass over a mosaic of their canvases (the
   paper's §4 "Speed" remark, a GPU saving; identical proposals and more memory, and on the 2-core CPU measured
@@ -43,14 +43,14 @@ from core.backbones import ConvAct, SamePadConv2d, fuse_for_inference
 from core.precision import resolve_dtype
 from core.errors import ConfigError, ImageError
 
-from .canvas import pack_canvases, paste_mask, paste_masks, region_rle
+from .canvas import pack_canvases, paste_mask, paste_masks, region_rle, regions_rle
 from .model import DeepMask
 from .sampler import pad_rgb_for
 
 log = logging.getLogger(__name__)
 
 __all__ = ["inference_scales", "DeepMaskProposer", "build_deepmask_proposer", "paste_mask", "paste_masks",
-           "region_rle", "pack_canvases"]
+           "region_rle", "regions_rle", "pack_canvases"]
 
 # DeepMaskConfig keys that define the trained network (taken from the checkpoint, never from the run's config).
 MODEL_KEYS = ("trunk", "head", "seg_channels", "lowrank_dim", "mask_size", "patch_size", "object_size",
@@ -338,7 +338,7 @@ class DeepMaskProposer:
         logits = hid.view(-1, model.mask_size, model.mask_size).float().cpu().numpy()
         geo = np.stack([(self.stride * vs - self.pad) / L.exs[si], (self.stride * us - self.pad) / L.eys[si],
                         p / L.exs[si], p / L.eys[si]], 1)
-        new_boxes, new_scores, new_rles = [], [], []
+        new_boxes, new_scores, regs = [], [], []
         for k, r in enumerate(paste_masks(logits, geo, h, w, self.logit_thr)):
             if r is None:
                 continue
@@ -347,8 +347,10 @@ class DeepMaskProposer:
             if bw == 0:
                 continue  # empty binary mask: dropped, the next candidate is taken
             new_boxes.append([x0 + bx, y0 + by, x0 + bx + bw, y0 + by + bh])
-            new_rles.append(region_rle(reg[by:by + bh, bx:bx + bw], x0 + bx, y0 + by, h, w))
+            regs.append(reg[by:by + bh, bx:bx + bw])
             new_scores.append(cand_scores[k])
+        # the chunk's masks RLE-encoded together (one encode per mask was a fifth of the inference time)
+        new_rles = regions_rle(regs, [b[0] for b in new_boxes], [b[1] for b in new_boxes], h, w)
         return new_boxes, new_scores, new_rles
 
 
