@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="timed calls per image (median kept; default 1)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (default 1)")
     p.add_argument("--only", default="", help="comma-separated measurement names or patterns (e.g. "
-                                             "'deepmask.efficientnet_lite0.*,ss'); see --list")
+                                             "'deepmask.efficientnet_lite0.*,ss'; a name is also a prefix: "
+                                             "'=NAME' for that measurement alone); see --list")
     p.add_argument("--list", action="store_true", help="list the measurement names and exit")
     p.add_argument("--quick", action="store_true", help="fast smoke run (tiny images and heads)")
     p.add_argument("--threads", type=int, default=0, help="torch/OpenCV threads (default: torch's default)")

@@ -74,8 +74,13 @@ def all_measurements() -> list[str]:
 
 
 def _selected(name: str, patterns: list[str]) -> bool:
+    """A pattern selects a measurement by glob, by name, or as a dotted prefix ('ss' -> ss.skimage, ss.opencv; a full
+    name also selects the names that extend it, e.g. '<m>.top100' its '.int8'); '=NAME' selects that name alone."""
     for p in patterns:
-        if fnmatch.fnmatchcase(name, p) or name == p or name.startswith(p.rstrip(".") + "."):
+        if p.startswith("="):
+            if name == p[1:]:
+                return True
+        elif fnmatch.fnmatchcase(name, p) or name == p or name.startswith(p.rstrip(".") + "."):
             return True
     return False
 

@@ -86,6 +86,14 @@ def test_plan_and_image_resolution(tmp_path, monkeypatch):
                                    "deepmask.efficientnet_lite0.per_scale_bf16", "ss.skimage", "ss.opencv"]
     with pytest.raises(UserError):
         benchlib.plan(benchlib.BenchOptions(only=["nothing"]))
+    # a full name is also a prefix of its variants; '=NAME' is that measurement alone
+    assert benchlib.plan(benchlib.BenchOptions(only=["train.deepmask.efficientnet_lite0"])) == [
+        "train.deepmask.efficientnet_lite0", "train.deepmask.efficientnet_lite0.bf16"]
+    assert benchlib.plan(benchlib.BenchOptions(only=["=train.deepmask.efficientnet_lite0",
+                                                     "=frcnn_test.small.top100"])) == [
+        "frcnn_test.small.top100", "train.deepmask.efficientnet_lite0"]
+    with pytest.raises(UserError):
+        benchlib.plan(benchlib.BenchOptions(only=["=ss"]))  # not a measurement's whole name
     # the whole plan leaves the bfloat16 measurements out where the CPU emulates bfloat16 (--only keeps them)
     low = {"deepmask.efficientnet_lite0.per_scale_bf16", "train.deepmask.efficientnet_lite0.bf16",
            "train.frcnn.efficientnet_lite0.bf16"}
